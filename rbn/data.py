@@ -7,13 +7,13 @@ __all__ = ['IDX_DTYPES', 'FILES', 'DATASETS', 'FASHION_CLASSES', 'IDXError', 're
            'default_cache_dir', 'find_dataset', 'load_dataset', 'get_fashion_mnist', 'get_mnist', 'normalize',
            'BatchLoader', 'DataLoaders', 'get_dls', 'fashion_dls']
 
-# %% ../nbs/00_data.ipynb #5e068b51
-import gzip, os, struct
+# %% ../nbs/00_data.ipynb #7304b730
+import gzip, os, struct, warnings
 from pathlib import Path
 import numpy as np
 import torch
 
-# %% ../nbs/00_data.ipynb #55d6e264
+# %% ../nbs/00_data.ipynb #8f4b0f0e
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
               0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
 
@@ -46,7 +46,7 @@ def read_idx(fn) -> torch.Tensor:
     arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return torch.from_numpy(arr.astype(dtype.newbyteorder('=')))
 
-# %% ../nbs/00_data.ipynb #b137bc9d
+# %% ../nbs/00_data.ipynb #a7744f1f
 def write_idx(fn, t, compress=None):
     "Write tensor or array `t` as an IDX file (gzipped when `fn` ends in `.gz` or `compress`)"
     fn, arr = Path(fn), np.asarray(t)
@@ -58,11 +58,11 @@ def write_idx(fn, t, compress=None):
     fn.write_bytes(data)
     return fn
 
-# %% ../nbs/00_data.ipynb #96d86fdf
+# %% ../nbs/00_data.ipynb #6a8ccd37
 FILES = dict(x_train='train-images-idx3-ubyte', y_train='train-labels-idx1-ubyte',
              x_valid='t10k-images-idx3-ubyte', y_valid='t10k-labels-idx1-ubyte')
 DATASETS = {'fashion-mnist': dict(debian='/usr/share/datasets/fashion-mnist', apt='dataset-fashion-mnist', tv='FashionMNIST'),
-            'mnist':         dict(debian='/usr/share/datasets/mnist', apt='dataset-mnist', tv='MNIST')}
+            'mnist':         dict(debian='/usr/share/datasets/mnist', apt=None, tv='MNIST')}
 
 def idx_files(folder) -> dict|None:
     "The four IDX files in `folder` (plain or `.gz`), or None if any is missing"
@@ -82,7 +82,7 @@ def default_cache_dir() -> Path:
     "Where downloads go: `$XDG_CACHE_HOME/rbn` or `~/.cache/rbn`"
     return Path(os.environ.get('XDG_CACHE_HOME', Path.home()/'.cache'))/'rbn'
 
-# %% ../nbs/00_data.ipynb #dfc5c387
+# %% ../nbs/00_data.ipynb #f358d308
 def _download(name, cache):
     "Download data set `name` with torchvision into `cache`; return the error text if that fails"
     try:
@@ -96,22 +96,23 @@ def find_dataset(name='fashion-mnist', path=None, download=True, cache_dir=None)
     info, tried = DATASETS[name], []
     cache = Path(cache_dir or default_cache_dir())
     places = [('path argument', path), ('RBN_DATA environment variable', os.environ.get('RBN_DATA')),
-              (f"Debian/Ubuntu package {info['apt']}", info['debian']), ('download cache', cache)]
-    for what,folder in places:
+              (f"Debian/Ubuntu package {info['apt'] or '(none for ' + name + ')'}", info['debian']), ('download cache', cache)]
+    for i,(what,folder) in enumerate(places):
         if folder is None: tried.append(f"  - {what}: not set"); continue
         for cand in _candidates(folder, name):
             if files := idx_files(cand): return files
         tried.append(f"  - {what}: no {name} IDX files in {folder}")
+        if i < 2: warnings.warn(f"{what} {folder} holds no {name} IDX files; looking elsewhere")
     if download:
         err = _download(name, cache)
         if files := idx_files(cache/info['tv']/'raw'): return files
         tried.append(f"  - torchvision download into {cache}: failed ({err})")
     else: tried.append("  - torchvision download: not tried (download=False)")
     raise FileNotFoundError(f"Could not find the {name} data set. Looked in:\n" + '\n'.join(tried) +
-        f"\nFix one of: pass path=FOLDER; set RBN_DATA=FOLDER; `sudo apt-get install {info['apt']}`; "
+        f"\nFix one of: pass path=FOLDER; set RBN_DATA=FOLDER; " + (f"`sudo apt-get install {info['apt']}`; " if info['apt'] else '') +
         f"or allow the torchvision download (needs internet). A folder must hold {', '.join(FILES.values())} (or .gz).")
 
-# %% ../nbs/00_data.ipynb #3b22b5c1
+# %% ../nbs/00_data.ipynb #d8a19aec
 def _to_images(t): return t.float().div_(255)
 
 def load_dataset(name='fashion-mnist', path=None, download=True, cache_dir=None):
@@ -131,16 +132,16 @@ def get_mnist(path=None, download=True, cache_dir=None):
     "MNIST as `(x_train, y_train, x_valid, y_valid)`; see `find_dataset` for where it is looked for"
     return load_dataset('mnist', path, download, cache_dir)
 
-# %% ../nbs/00_data.ipynb #8fe457a1
+# %% ../nbs/00_data.ipynb #9d1bc47e
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 
-# %% ../nbs/00_data.ipynb #75ad3f42
+# %% ../nbs/00_data.ipynb #b301fc73
 def normalize(x_train, x_valid):
     "Standardize both sets with the training set's mean and standard deviation"
     m, s = x_train.mean(), x_train.std()
     return (x_train-m)/s, (x_valid-m)/s
 
-# %% ../nbs/00_data.ipynb #f054a803
+# %% ../nbs/00_data.ipynb #423212e5
 class BatchLoader:
     "Mini-batches `(x[idx], y[idx])` from tensors, shuffled each epoch when `shuffle`"
     def __init__(self, x, y, bs, shuffle=False, drop_last=False, seed=None):
@@ -162,7 +163,7 @@ class BatchLoader:
         self.x, self.y = self.x.to(device), self.y.to(device)
         return self
 
-# %% ../nbs/00_data.ipynb #19d8e9ee
+# %% ../nbs/00_data.ipynb #92f39222
 class DataLoaders:
     "A training and a validation `BatchLoader`"
     def __init__(self, train, valid): self.train, self.valid = train, valid
