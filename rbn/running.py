@@ -6,14 +6,15 @@
 __all__ = ['merge_stats', 'rbn_mom1', 'warmup_var', 'scale_shift', 'stat_dtype', 'running_batch_norm', 'running_batch_norm_eval',
            'RunningBatchNorm']
 
-# %% ../nbs/05_simplified.ipynb #32de973c
-import math
+# %% ../nbs/05_simplified.ipynb #76bee233
+import math, struct
 import torch
 import torch.nn.functional as F
 from torch import nn
 from .batchnorm import check_input, stat_dims, channel_view
+from .fused import running_batch_norm_fused, HostCounts, params_like
 
-# %% ../nbs/05_simplified.ipynb #e0013fbb
+# %% ../nbs/05_simplified.ipynb #67c15b2c
 def merge_stats(mean, var, count, batch_mean, batch_var, a, n):
     "EWMA-merge running `(mean, var, count)` with a batch of `n` values per channel (mean, biased var) at weight `a`"
     w1, w2 = (1-a)*count, a*n                    # weight of the old statistics and of this batch
@@ -23,18 +24,18 @@ def merge_stats(mean, var, count, batch_mean, batch_var, a, n):
     new_var = (w1*var + w2*batch_var)/total + (w1*w2/total**2)*delta**2
     return new_mean, new_var, total
 
-# %% ../nbs/05_simplified.ipynb #4efae84b
+# %% ../nbs/05_simplified.ipynb #69f434cd
 def rbn_mom1(bs, mom=0.1):
     "Weight of a batch of `bs` samples in the running statistics: `1-(1-mom)/sqrt(bs-1)`, a batch of 1 counted as 2"
     return 1 - (1-mom)/math.sqrt(max(bs, 2) - 1)
 
-# %% ../nbs/05_simplified.ipynb #623f76e6
+# %% ../nbs/05_simplified.ipynb #17fb08ea
 def warmup_var(var, num_samples, var_floor=0.01, warmup_samples=20):
     "`var` floored at `var_floor` while `num_samples` (a tensor or a Python int) is below `warmup_samples`"
     if not isinstance(num_samples, torch.Tensor): return var.clamp_min(var_floor) if num_samples < warmup_samples else var
     return torch.where(num_samples < warmup_samples, var.clamp_min(var_floor), var)
 
-# %% ../nbs/05_simplified.ipynb #28a64f9f
+# %% ../nbs/05_simplified.ipynb #070fc2cb
 def scale_shift(x, weight, bias, mean, var, eps):
     "`x*factor + offset` per channel, with `factor = weight/sqrt(var+eps)` and `offset = bias - mean*factor`"
     factor = torch.rsqrt(var + eps)
@@ -51,7 +52,7 @@ def stat_dtype(x):
     "The dtype statistics are computed in: float32 for float16/bfloat16 inputs, else the input's"
     return torch.promote_types(x.dtype, torch.float32)
 
-# %% ../nbs/05_simplified.ipynb #a2c42684
+# %% ../nbs/05_simplified.ipynb #a793f2cc
 def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e-5, var_floor=0.01, warmup_samples=20):
     "One training step on `x` (N,C,*): returns `(y, new_mean, new_var, new_count)`, mutating nothing"
     xs = x.to(stat_dtype(x))
@@ -62,19 +63,29 @@ def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e
     y = scale_shift(xs, weight, bias, new_mean, used_var, eps)
     return y.to(x.dtype), new_mean.detach(), new_var.detach(), _detach(new_count)
 
-# %% ../nbs/05_simplified.ipynb #53e67516
+# %% ../nbs/05_simplified.ipynb #20317a95
 def running_batch_norm_eval(x, weight, bias, mean, var, num_samples, eps=1e-5, var_floor=0.01, warmup_samples=20):
     "Normalize `x` with the running statistics and the current `weight`, `bias` (the warm-up floor applied)"
+    weight, bias = params_like(weight, bias, mean)
     return F.batch_norm(x, mean, warmup_var(var, num_samples, var_floor, warmup_samples), weight, bias, False, 0., eps)
 
-# %% ../nbs/05_simplified.ipynb #0d151337
+# %% ../nbs/05_simplified.ipynb #775ffeb3
+def _as_stored(v, buf):
+    "Python float `v` rounded as `buf` stores it (float32 buffers hold float32 values)"
+    return struct.unpack('f', struct.pack('f', v))[0] if buf.dtype == torch.float32 else v
+
+def _host_ok(x):
+    "Python-side bookkeeping is allowed: not compiling, not capturing a CUDA graph"
+    return not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+
 class RunningBatchNorm(nn.Module):
     "Batch norm that normalizes with running statistics while training too (fastai lessons 10-11); input (N, C, *)"
-    def __init__(self, nf, mom=0.1, eps=1e-5, var_floor=0.01, warmup_samples=20, affine=True, device=None, dtype=None):
+    def __init__(self, nf, mom=0.1, eps=1e-5, var_floor=0.01, warmup_samples=20, affine=True, fused=True, device=None, dtype=None):
         super().__init__()
         if not 0 < mom <= 1: raise ValueError(f"RunningBatchNorm: mom must be in (0, 1], got {mom}")
         if eps < 0 or var_floor < 0: raise ValueError(f"RunningBatchNorm: eps and var_floor must be >= 0, got {eps}, {var_floor}")
-        self.nf, self.mom, self.eps, self.var_floor, self.warmup_samples, self.affine = nf, mom, eps, var_floor, warmup_samples, affine
+        self.nf, self.mom, self.eps, self.var_floor, self.warmup_samples = nf, mom, eps, var_floor, warmup_samples
+        self.affine, self.fused = affine, fused
         if affine:
             self.weight = nn.Parameter(torch.ones(nf, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
@@ -85,6 +96,8 @@ class RunningBatchNorm(nn.Module):
         self.register_buffer('count', torch.zeros((), device=device, dtype=sd))
         self.register_buffer('num_samples', torch.zeros((), device=device, dtype=torch.long))
         self.register_buffer('num_batches_tracked', torch.zeros((), device=device, dtype=torch.long))
+        self._host = HostCounts()
+        self._host.set(self.count, self.num_samples, 0., 0)
 
     def mom1(self, bs):
         "Weight of a batch of `bs` samples; override for another rule"
@@ -93,39 +106,56 @@ class RunningBatchNorm(nn.Module):
     def reset_running_stats(self):
         for b in (self.running_mean, self.count, self.num_samples, self.num_batches_tracked): b.zero_()
         self.running_var.fill_(1)
+        self._host.set(self.count, self.num_samples, 0., 0)
 
     def reset_parameters(self):
         self.reset_running_stats()
         if self.affine: nn.init.ones_(self.weight); nn.init.zeros_(self.bias)
 
     def _apply(self, fn, *args, **kwargs):
-        "Like `nn.Module._apply`, but the running statistics never drop below float32"
+        "Like `nn.Module._apply` (`.to`, `.cuda`, `.half`...), but statistics never drop below float32"
+        counts = self._host.get(self.count, self.num_samples)
         super()._apply(fn, *args, **kwargs)
         for k in ('running_mean', 'running_var', 'count'):
             t = getattr(self, k)
             if t.dtype in (torch.float16, torch.bfloat16): setattr(self, k, t.float())
+        if isinstance(counts[0], torch.Tensor): self._host.forget()
+        else: self._host.set(self.count, self.num_samples, counts[0], counts[1])
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host.set(self.count, self.num_samples, self.count.item(), int(self.num_samples.item()))   # once per load
 
     def forward(self, x):
         check_input(x, self.nf, 'RunningBatchNorm')
+        host = _host_ok(x)
+        count, seen = self._host.get(self.count, self.num_samples) if host else (self.count, self.num_samples)
         if not self.training:
             return running_batch_norm_eval(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                           self.num_samples, self.eps, self.var_floor, self.warmup_samples)
-        y, mean, var, count = running_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.count,
-                                                 self.num_samples, self.mom1(x.shape[0]), self.eps, self.var_floor, self.warmup_samples)
-        self._store(mean, var, count, x.shape[0])
+                                           seen, self.eps, self.var_floor, self.warmup_samples)
+        step = running_batch_norm_fused if self.fused and host else running_batch_norm   # compilers fuse the readable one
+        y, mean, var, new_count = step(x, self.weight, self.bias, self.running_mean, self.running_var, count, seen,
+                                       self.mom1(x.shape[0]), self.eps, self.var_floor, self.warmup_samples)
+        self._store(mean, var, new_count, x.shape[0], count, seen)
         return y
 
     @torch.no_grad()
-    def _store(self, mean, var, count, bs):
-        "Save the new running state; under `torch.compile` by rebinding the buffers instead of writing into them"
+    def _store(self, mean, var, count, bs, old, seen):
+        "Save the new running state (`old`, `seen`: the count and sample counter before this step)"
         if torch.compiler.is_compiling():
             self.running_mean, self.running_var, self.count = mean, var, count
             self.num_samples, self.num_batches_tracked = self.num_samples + bs, self.num_batches_tracked + 1
-        else:
-            torch._foreach_copy_([self.running_mean, self.running_var, self.count], [mean, var, count])
-            torch._foreach_add_([self.num_samples, self.num_batches_tracked], [bs, 1])
+            return
+        torch._foreach_copy_([self.running_mean, self.running_var], [mean, var])
+        if isinstance(count, torch.Tensor):
+            self.count.copy_(count); torch._foreach_add_([self.num_samples, self.num_batches_tracked], [bs, 1])
+            self._host.forget()
+        else:   # one op for all three: count += (new - old), which rounds exactly as _as_stored predicts
+            step = _as_stored(count - old, self.count)
+            torch._foreach_add_([self.count, self.num_samples, self.num_batches_tracked], [step, bs, 1])
+            self._host.set(self.count, self.num_samples, _as_stored(old + step, self.count), seen + bs)
 
     def extra_repr(self):
         return (f"{self.nf}, mom={self.mom}, eps={self.eps}, var_floor={self.var_floor}, "
-                f"warmup_samples={self.warmup_samples}, affine={self.affine}")
+                f"warmup_samples={self.warmup_samples}, affine={self.affine}, fused={self.fused}")
