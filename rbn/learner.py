@@ -7,7 +7,7 @@ __all__ = ['conv_block', 'init_cnn', 'get_cnn', 'CancelFitException', 'TrainingD
            'MetricsCB', 'sched_lin', 'sched_cos', 'sched_const', 'combine_scheds', 'LRSchedCB', 'Recorder',
            'ProgressCB', 'NaNGuardCB', 'default_device', 'train_cnn']
 
-# %% ../nbs/01_learner.ipynb #d018c9ae
+# %% ../nbs/01_learner.ipynb #4c5263db
 import math, time
 from functools import partial
 import torch
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastprogress.fastprogress import progress_bar
 
-# %% ../nbs/01_learner.ipynb #77279c81
+# %% ../nbs/01_learner.ipynb #5c4b05a6
 def conv_block(ni, nf, ks=3, stride=2, norm=None):
     "Conv(ks, stride) -> ReLU -> norm(nf); the conv has a bias only when there is no norm"
     layers = [nn.Conv2d(ni, nf, ks, stride=stride, padding=ks//2, bias=norm is None), nn.ReLU()]
@@ -36,7 +36,7 @@ def get_cnn(norm=nn.BatchNorm2d, nfs=(8,16,32,64,64), n_in=1, n_out=10, a=0.1):
     blocks = [conv_block(nfs[i], nfs[i+1], ks=5 if i==0 else 3, norm=norm) for i in range(len(nfs)-1)]
     return init_cnn(nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(nfs[-1], n_out)), a=a)
 
-# %% ../nbs/01_learner.ipynb #466d9dbd
+# %% ../nbs/01_learner.ipynb #cd73742d
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly"
 
 class TrainingDiverged(RuntimeError): "The loss became NaN or infinite"
@@ -82,7 +82,7 @@ class Learner:
     def fit(self, epochs=1, train=True, valid=True):
         "Train for `epochs`, validating after each; returns self"
         self.model.to(self.device)
-        self.n_epochs = epochs
+        self.n_epochs, self.do_train = epochs, train
         if self.opt is None: self.opt = self.opt_func(self.model.parameters(), lr=self.lr)
         try:
             self.callback('before_fit')
@@ -93,7 +93,7 @@ class Learner:
         finally: self.callback('after_fit')
         return self
 
-# %% ../nbs/01_learner.ipynb #1b400943
+# %% ../nbs/01_learner.ipynb #296bd7c6
 def accuracy(preds, targs): return (preds.argmax(dim=1) == targs).float().mean()
 
 class MetricsCB(Callback):
@@ -110,7 +110,7 @@ class MetricsCB(Callback):
     @property
     def last_valid(self): return next(r for r in reversed(self.log) if not r['train'])
 
-# %% ../nbs/01_learner.ipynb #e5577cff
+# %% ../nbs/01_learner.ipynb #06bed0d2
 def sched_lin(start, end): return lambda pos: start + pos*(end-start)
 def sched_cos(start, end): return lambda pos: start + (1+math.cos(math.pi*(1-pos)))*(end-start)/2
 def sched_const(v): return lambda pos: v
@@ -133,21 +133,27 @@ class LRSchedCB(Callback):
         if not learn.training: return
         for g in learn.opt.param_groups: g['lr'] = self.sched(learn.step / self.total)
 
-# %% ../nbs/01_learner.ipynb #adb0414d
+# %% ../nbs/01_learner.ipynb #17b9f4de
 class Recorder(Callback):
     "Record training loss and lr of each step; `plot` draws both"
-    def before_fit(self, learn): self.losses, self.lrs = [], []
+    def __init__(self): self._losses, self.lrs = [], []
+    def before_fit(self, learn):
+        if learn.do_train: self._losses, self.lrs = [], []   # a validation-only fit keeps the record
     def after_batch(self, learn):
         if not learn.training: return
-        self.losses.append(learn.loss.detach())
+        self._losses.append(learn.loss.detach())
         self.lrs.append(learn.opt.param_groups[0]['lr'])
-    def after_fit(self, learn): self.losses = torch.stack(self.losses).float().cpu().tolist() if self.losses else []
+    @property
+    def losses(self):
+        "Training losses as Python floats (read from the device once, when asked)"
+        return torch.stack(self._losses).float().cpu().tolist() if self._losses else []
     def plot(self, smooth=0.98):
         "Training loss (raw and exponentially smoothed) and learning rate against step"
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3))
-        a1.plot(self.losses, alpha=0.3, label='loss')
+        losses = self.losses
+        a1.plot(losses, alpha=0.3, label='loss')
         sm, avg = [], None
-        for l in self.losses: avg = l if avg is None else smooth*avg + (1-smooth)*l; sm.append(avg)
+        for l in losses: avg = l if avg is None else smooth*avg + (1-smooth)*l; sm.append(avg)
         a1.plot(sm, label='smoothed'); a1.set_xlabel('step'); a1.set_ylabel('training loss'); a1.legend()
         a2.plot(self.lrs); a2.set_xlabel('step'); a2.set_ylabel('learning rate')
         fig.tight_layout()
@@ -172,7 +178,7 @@ class NaNGuardCB(Callback):
             raise TrainingDiverged(f"loss is {learn.loss.item()} at training step {learn.step} (epoch {learn.epoch}); "
                                    f"lower the learning rate or check the normalization layer")
 
-# %% ../nbs/01_learner.ipynb #2b0e6f5b
+# %% ../nbs/01_learner.ipynb #08e7cfa4
 def default_device(): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def train_cnn(norm=nn.BatchNorm2d, bs=512, lr=1.0, epochs=1, seed=0, dls=None, lr_end=None, device='cpu',
