@@ -5,17 +5,17 @@
 # %% auto #0
 __all__ = ['check_input', 'stat_dims', 'channel_view', 'BatchNorm', 'normalize', 'LayerNorm', 'InstanceNorm', 'GroupNorm']
 
-# %% ../nbs/02_batchnorm.ipynb #ec4e3026
+# %% ../nbs/02_batchnorm.ipynb #aa22b616
 def check_input(x, nf, module='BatchNorm', min_dim=2):
     "Raise ValueError unless `x` is (N, nf, *) with at least `min_dim` dimensions"
     if x.dim() < min_dim: raise ValueError(f"{module}: expected input of shape (N, {nf}, *) with at least {min_dim} dimensions, got shape {tuple(x.shape)}")
     if x.shape[1] != nf: raise ValueError(f"{module}: expected {nf} channels in dim 1, got {x.shape[1]} (input shape {tuple(x.shape)})")
 
-# %% ../nbs/02_batchnorm.ipynb #70e7bc3b
+# %% ../nbs/02_batchnorm.ipynb #de08533a
 import torch
 from torch import nn
 
-# %% ../nbs/02_batchnorm.ipynb #5cdad17a
+# %% ../nbs/02_batchnorm.ipynb #814651da
 def stat_dims(x):
     "The dims BatchNorm reduces over: all but the channel dim 1"
     return (0, *range(2, x.dim()))
@@ -24,7 +24,7 @@ def channel_view(t, ndim):
     "View per-channel `t` of shape (C,) as (1, C, 1, ..., 1) to broadcast against an `ndim`-d input"
     return t.view(1, -1, *([1]*(ndim-2)))
 
-# %% ../nbs/02_batchnorm.ipynb #cd7b2222
+# %% ../nbs/02_batchnorm.ipynb #b5b7fce7
 class BatchNorm(nn.Module):
     "Batch normalization of (N, C, *) inputs per channel, equal to `nn.BatchNorm1d/2d/3d`"
     def __init__(self, nf, mom=0.1, eps=1e-5, affine=True):
@@ -61,13 +61,13 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self): return f"{self.nf}, mom={self.mom}, eps={self.eps}, affine={self.affine}"
 
-# %% ../nbs/02_batchnorm.ipynb #0cda6f12
+# %% ../nbs/02_batchnorm.ipynb #b31f19c1
 def normalize(x, dims, eps=1e-5):
     "`(x - mean) / sqrt(var + eps)` with the biased mean and variance over `dims`"
     var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
     return (x - mean) * torch.rsqrt(var + eps)
 
-# %% ../nbs/02_batchnorm.ipynb #f4834a62
+# %% ../nbs/02_batchnorm.ipynb #09cc54b2
 class LayerNorm(nn.Module):
     "Normalize over the trailing dims `normalized_shape`, with an elementwise weight and bias; equal to `nn.LayerNorm`"
     def __init__(self, normalized_shape, eps=1e-5, affine=True):
@@ -88,7 +88,7 @@ class LayerNorm(nn.Module):
 
     def extra_repr(self): return f"{self.normalized_shape}, eps={self.eps}, affine={self.affine}"
 
-# %% ../nbs/02_batchnorm.ipynb #542e06de
+# %% ../nbs/02_batchnorm.ipynb #a2dd0edb
 class InstanceNorm(nn.Module):
     "Normalize each channel of each sample over its spatial dims; equal to `nn.InstanceNorm1d/2d/3d(nf, affine=True)`"
     def __init__(self, nf, eps=1e-5, affine=True):
@@ -110,7 +110,7 @@ class InstanceNorm(nn.Module):
 
     def extra_repr(self): return f"{self.nf}, eps={self.eps}, affine={self.affine}"
 
-# %% ../nbs/02_batchnorm.ipynb #81498c3a
+# %% ../nbs/02_batchnorm.ipynb #b44976a2
 class GroupNorm(nn.Module):
     "Normalize groups of `nf//ng` channels of each sample; equal to `nn.GroupNorm(ng, nf)`"
     def __init__(self, ng, nf, eps=1e-5, affine=True):
