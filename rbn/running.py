@@ -6,7 +6,7 @@
 __all__ = ['merge_stats', 'rbn_mom1', 'warmup_var', 'scale_shift', 'stat_dtype', 'running_batch_norm', 'running_batch_norm_eval',
            'RunningBatchNorm']
 
-# %% ../nbs/05_simplified.ipynb #76bee233
+# %% ../nbs/05_simplified.ipynb #a4bcafb0
 import math, struct
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from torch import nn
 from .batchnorm import check_input, stat_dims, channel_view
 from .fused import running_batch_norm_fused, HostCounts, params_like
 
-# %% ../nbs/05_simplified.ipynb #67c15b2c
+# %% ../nbs/05_simplified.ipynb #f65ca3ca
 def merge_stats(mean, var, count, batch_mean, batch_var, a, n):
     "EWMA-merge running `(mean, var, count)` with a batch of `n` values per channel (mean, biased var) at weight `a`"
     w1, w2 = (1-a)*count, a*n                    # weight of the old statistics and of this batch
@@ -24,18 +24,18 @@ def merge_stats(mean, var, count, batch_mean, batch_var, a, n):
     new_var = (w1*var + w2*batch_var)/total + (w1*w2/total**2)*delta**2
     return new_mean, new_var, total
 
-# %% ../nbs/05_simplified.ipynb #69f434cd
+# %% ../nbs/05_simplified.ipynb #5a40375d
 def rbn_mom1(bs, mom=0.1):
     "Weight of a batch of `bs` samples in the running statistics: `1-(1-mom)/sqrt(bs-1)`, a batch of 1 counted as 2"
     return 1 - (1-mom)/math.sqrt(max(bs, 2) - 1)
 
-# %% ../nbs/05_simplified.ipynb #17fb08ea
+# %% ../nbs/05_simplified.ipynb #4be3883d
 def warmup_var(var, num_samples, var_floor=0.01, warmup_samples=20):
     "`var` floored at `var_floor` while `num_samples` (a tensor or a Python int) is below `warmup_samples`"
     if not isinstance(num_samples, torch.Tensor): return var.clamp_min(var_floor) if num_samples < warmup_samples else var
     return torch.where(num_samples < warmup_samples, var.clamp_min(var_floor), var)
 
-# %% ../nbs/05_simplified.ipynb #070fc2cb
+# %% ../nbs/05_simplified.ipynb #afeaee8f
 def scale_shift(x, weight, bias, mean, var, eps):
     "`x*factor + offset` per channel, with `factor = weight/sqrt(var+eps)` and `offset = bias - mean*factor`"
     factor = torch.rsqrt(var + eps)
@@ -52,7 +52,7 @@ def stat_dtype(x):
     "The dtype statistics are computed in: float32 for float16/bfloat16 inputs, else the input's"
     return torch.promote_types(x.dtype, torch.float32)
 
-# %% ../nbs/05_simplified.ipynb #a793f2cc
+# %% ../nbs/05_simplified.ipynb #66d6713e
 def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e-5, var_floor=0.01, warmup_samples=20):
     "One training step on `x` (N,C,*): returns `(y, new_mean, new_var, new_count)`, mutating nothing"
     xs = x.to(stat_dtype(x))
@@ -63,13 +63,13 @@ def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e
     y = scale_shift(xs, weight, bias, new_mean, used_var, eps)
     return y.to(x.dtype), new_mean.detach(), new_var.detach(), _detach(new_count)
 
-# %% ../nbs/05_simplified.ipynb #20317a95
+# %% ../nbs/05_simplified.ipynb #6a936e18
 def running_batch_norm_eval(x, weight, bias, mean, var, num_samples, eps=1e-5, var_floor=0.01, warmup_samples=20):
     "Normalize `x` with the running statistics and the current `weight`, `bias` (the warm-up floor applied)"
     weight, bias = params_like(weight, bias, mean)
     return F.batch_norm(x, mean, warmup_var(var, num_samples, var_floor, warmup_samples), weight, bias, False, 0., eps)
 
-# %% ../nbs/05_simplified.ipynb #775ffeb3
+# %% ../nbs/05_simplified.ipynb #8aacdc39
 def _as_stored(v, buf):
     "Python float `v` rounded as `buf` stores it (float32 buffers hold float32 values)"
     return struct.unpack('f', struct.pack('f', v))[0] if buf.dtype == torch.float32 else v
@@ -125,7 +125,11 @@ class RunningBatchNorm(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._host.set(self.count, self.num_samples, self.count.item(), int(self.num_samples.item()))   # once per load
+        self.refresh_counts()
+
+    def refresh_counts(self):
+        "Read `count` and `num_samples` back into Python (one device sync): call after writing to them yourself"
+        self._host.set(self.count, self.num_samples, self.count.item(), int(self.num_samples.item()))
 
     def forward(self, x):
         check_input(x, self.nf, 'RunningBatchNorm')
