@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['LOW_PRECISION', 'batch_stats', 'RunningBNFunction', 'params_like', 'running_batch_norm_fused', 'HostCounts']
 
-# %% ../nbs/07_fast.ipynb #e927a8d6
+# %% ../nbs/07_fast.ipynb #1d90b561
 import torch
 from .batchnorm import channel_view
 
-# %% ../nbs/07_fast.ipynb #c3c692a1
+# %% ../nbs/07_fast.ipynb #0c50ad84
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def batch_stats(x):
@@ -19,7 +19,7 @@ def batch_stats(x):
         return torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.)
     return torch.batch_norm_update_stats(x, None, None, 0.)
 
-# %% ../nbs/07_fast.ipynb #dd54d750
+# %% ../nbs/07_fast.ipynb #e34b4283
 def _memory_format(x):
     "The memory format `x` is laid out in (channels-last or contiguous)"
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last): return torch.channels_last
@@ -48,7 +48,7 @@ def _merge(x, mean, var, r, warm, var_floor):
     else: used = new_var.clamp_min(var_floor) if warm else new_var
     return new_mean, new_var, used
 
-# %% ../nbs/07_fast.ipynb #80fb7561
+# %% ../nbs/07_fast.ipynb #461935a1
 class RunningBNFunction(torch.autograd.Function):
     "RunningBatchNorm's training step: forward as BatchNorm's two passes, backward as BatchNorm's with 1/N -> r/N"
     @staticmethod
@@ -78,7 +78,7 @@ class RunningBNFunction(torch.autograd.Function):
         else: dx, dw, db = _backward_cpu(g, x, weight, mean, used, keep, k, ctx.eps, need_x, need_w, need_b)
         return dx, dw if need_w else None, db if need_b else None, None, None, None, None, None, None
 
-# %% ../nbs/07_fast.ipynb #37fc8f43
+# %% ../nbs/07_fast.ipynb #e5b5e159
 def _backward_cuda(g, x, weight, mean, invstd, keep, k, need_x, need_w, need_b):
     "SyncBatchNorm's kernels: one reduction, one elementwise pass with the sums pre-scaled by k"
     g = g.contiguous(memory_format=_memory_format(x))
@@ -99,6 +99,7 @@ def _backward_cpu(g, x, weight, mean, used, keep, k, eps, need_x, need_w, need_b
     w = weight*r if weight is not None else invstd.new_full(invstd.shape, r)
     dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps, [True, need_w, need_b])
     coef = invstd if weight is None else weight*invstd
+    if coef.dtype != dx.dtype: coef = coef.to(dx.dtype)      # a mixed-dtype addcmul_ takes a slow, several times slower path
     dx.addcmul_(g, channel_view(coef, x.dim()), value=1-r)
     return dx, (dw if weight is not None else None), (db if weight is not None else None)
 
@@ -117,7 +118,7 @@ def _backward_cpu_masked(g, x, weight, mean, used, keep, k, eps, need_x, need_w,
         if dx.dtype != x.dtype: dx = dx.to(x.dtype)
     return dx, (sum_gxhat if need_w and weight is not None else None), (sum_g if need_b and weight is not None else None)
 
-# %% ../nbs/07_fast.ipynb #80320b08
+# %% ../nbs/07_fast.ipynb #7595ae9a
 def params_like(weight, bias, stats):
     "`weight`, `bias` in the statistics' dtype (a `.half()` model keeps float32 statistics; native kernels want one dtype)"
     if weight is not None and weight.dtype != stats.dtype: weight = weight.to(stats.dtype)
@@ -134,7 +135,7 @@ def running_batch_norm_fused(x, weight, bias, mean, var, count, num_samples, a, 
     y, new_mean, new_var = RunningBNFunction.apply(x, weight, bias, mean, var, r, warm, var_floor, eps)
     return y, new_mean, new_var, new_count
 
-# %% ../nbs/07_fast.ipynb #8329c682
+# %% ../nbs/07_fast.ipynb #dfca35e9
 class HostCounts:
     "Python copies of a layer's `count` and `num_samples` buffers, trusted only while those buffers are unchanged"
     def __init__(self): self.state = None
