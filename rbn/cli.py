@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['make_parser', 'run_compare', 'run_bench', 'main']
 
-# %% ../nbs/11_cli.ipynb #52318ff6
+# %% ../nbs/11_cli.ipynb #0507ded0
 import argparse, sys
 from pathlib import Path
 
-# %% ../nbs/11_cli.ipynb #c8a6ddaf
+# %% ../nbs/11_cli.ipynb #dece2447
 def _int_list(s):
     try: vals = [int(v) for v in s.split(',') if v.strip()]
     except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
@@ -28,7 +28,7 @@ def _positive_int(s):
     if len(v) != 1: raise argparse.ArgumentTypeError(f"expected one positive integer, got {s!r}")
     return v[0]
 
-# %% ../nbs/11_cli.ipynb #e98f6bc8
+# %% ../nbs/11_cli.ipynb #ea81c478
 def make_parser():
     p = argparse.ArgumentParser(prog='rbn', description='RunningBatchNorm course tools: compare norms by training, benchmark speed.')
     sub = p.add_subparsers(dest='command', required=True, metavar='{compare,bench}')
@@ -51,7 +51,7 @@ def make_parser():
     b.add_argument('--quick', action='store_true', help='fewer repeats and only the small shapes')
     return p
 
-# %% ../nbs/11_cli.ipynb #cdf0ff7e
+# %% ../nbs/11_cli.ipynb #df3ca987
 def run_compare(args):
     import json
     from rbn.experiments import compare, summarize, format_table, plot_compare
@@ -72,7 +72,7 @@ def run_bench(args):
     return bench_main(device=args.device, quick=args.quick)
 
 def main(argv=None):
-    "Entry point of the `rbn` console script"
+    "Entry point of the `rbn` console script: runs the subcommand, exits 0, or 1 with a one-line message"
     args = make_parser().parse_args(argv)
-    try: return {'compare': run_compare, 'bench': run_bench}[args.command](args)
-    except FileNotFoundError as e: sys.exit(f"rbn {args.command}: {e}")
+    try: {'compare': run_compare, 'bench': run_bench}[args.command](args)
+    except (FileNotFoundError, ValueError) as e: sys.exit(f"rbn {args.command}: {e}")

@@ -7,7 +7,7 @@ __all__ = ['conv_block', 'init_cnn', 'get_cnn', 'CancelFitException', 'TrainingD
            'MetricsCB', 'sched_lin', 'sched_cos', 'sched_const', 'combine_scheds', 'LRSchedCB', 'Recorder',
            'ProgressCB', 'NaNGuardCB', 'default_device', 'train_cnn']
 
-# %% ../nbs/01_learner.ipynb #4c5263db
+# %% ../nbs/01_learner.ipynb #ca8bd0a9
 import math, time
 from functools import partial
 import torch
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastprogress.fastprogress import progress_bar
 
-# %% ../nbs/01_learner.ipynb #5c4b05a6
+# %% ../nbs/01_learner.ipynb #0235e0c4
 def conv_block(ni, nf, ks=3, stride=2, norm=None):
     "Conv(ks, stride) -> ReLU -> norm(nf); the conv has a bias only when there is no norm"
     layers = [nn.Conv2d(ni, nf, ks, stride=stride, padding=ks//2, bias=norm is None), nn.ReLU()]
@@ -36,7 +36,7 @@ def get_cnn(norm=nn.BatchNorm2d, nfs=(8,16,32,64,64), n_in=1, n_out=10, a=0.1):
     blocks = [conv_block(nfs[i], nfs[i+1], ks=5 if i==0 else 3, norm=norm) for i in range(len(nfs)-1)]
     return init_cnn(nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(nfs[-1], n_out)), a=a)
 
-# %% ../nbs/01_learner.ipynb #cd73742d
+# %% ../nbs/01_learner.ipynb #0aa7131d
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly"
 
 class TrainingDiverged(RuntimeError): "The loss became NaN or infinite"
@@ -93,24 +93,24 @@ class Learner:
         finally: self.callback('after_fit')
         return self
 
-# %% ../nbs/01_learner.ipynb #296bd7c6
+# %% ../nbs/01_learner.ipynb #80200470
 def accuracy(preds, targs): return (preds.argmax(dim=1) == targs).float().mean()
 
 class MetricsCB(Callback):
     "Average loss and accuracy per epoch, for training and validation; the rows are in `log`"
     def __init__(self): self.log = []
-    def before_epoch(self, learn): self.tot = torch.zeros(3, device=learn.device)
+    def before_epoch(self, learn): self.tot, self.n = torch.zeros(2, device=learn.device), 0
     def after_batch(self, learn):
         n = len(learn.yb)
-        self.tot += torch.stack([learn.loss.detach().float()*n, (learn.preds.argmax(1) == learn.yb).sum().float(),
-                                 torch.tensor(float(n), device=learn.device)])
+        self.n += n    # counted on the host: a tensor made from a Python number would be a host-to-device copy each step
+        self.tot += torch.stack([learn.loss.detach().float()*n, (learn.preds.argmax(1) == learn.yb).sum().float()])
     def after_epoch(self, learn):
-        loss, correct, n = self.tot.tolist()
-        self.log.append(dict(epoch=learn.epoch, train=learn.training, loss=loss/n, accuracy=correct/n))
+        loss, correct = self.tot.tolist()
+        self.log.append(dict(epoch=learn.epoch, train=learn.training, loss=loss/self.n, accuracy=correct/self.n))
     @property
     def last_valid(self): return next(r for r in reversed(self.log) if not r['train'])
 
-# %% ../nbs/01_learner.ipynb #06bed0d2
+# %% ../nbs/01_learner.ipynb #7a4be223
 def sched_lin(start, end): return lambda pos: start + pos*(end-start)
 def sched_cos(start, end): return lambda pos: start + (1+math.cos(math.pi*(1-pos)))*(end-start)/2
 def sched_const(v): return lambda pos: v
@@ -133,7 +133,7 @@ class LRSchedCB(Callback):
         if not learn.training: return
         for g in learn.opt.param_groups: g['lr'] = self.sched(learn.step / self.total)
 
-# %% ../nbs/01_learner.ipynb #17b9f4de
+# %% ../nbs/01_learner.ipynb #aa8927cf
 class Recorder(Callback):
     "Record training loss and lr of each step; `plot` draws both"
     def __init__(self): self._losses, self.lrs = [], []
@@ -178,7 +178,7 @@ class NaNGuardCB(Callback):
             raise TrainingDiverged(f"loss is {learn.loss.item()} at training step {learn.step} (epoch {learn.epoch}); "
                                    f"lower the learning rate or check the normalization layer")
 
-# %% ../nbs/01_learner.ipynb #08e7cfa4
+# %% ../nbs/01_learner.ipynb #4b72a87a
 def default_device(): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def train_cnn(norm=nn.BatchNorm2d, bs=512, lr=1.0, epochs=1, seed=0, dls=None, lr_end=None, device='cpu',
