@@ -5,16 +5,15 @@
 # %% auto #0
 __all__ = ['skip_mom1', 'variance_growth', 'drifted', 'skipped_batch_norm', 'SkippingRunningBatchNorm']
 
-# %% ../nbs/06_skipping.ipynb #63ad7648
-import math
+# %% ../nbs/06_skipping.ipynb #e0c7de75
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .batchnorm import check_input, stat_dims
-from .running import RunningBatchNorm, running_batch_norm_eval
+from .batchnorm import check_input
+from .running import RunningBatchNorm
 from .fused import params_like, HostCounts
 
-# %% ../nbs/06_skipping.ipynb #25141c00
+# %% ../nbs/06_skipping.ipynb #b251ec9f
 from .running import rbn_mom1, warmup_var
 from .fused import batch_stats
 
@@ -35,14 +34,14 @@ def drifted(x, mean, var, r, max_drift=4., eps=1e-5, n_images=8):
     limit = 1 + (max_drift - 1)/r                  # growth > max_drift  <=>  q > limit
     return (torch.addcmul(v, d, d) > torch.add(var, eps).mul_(limit)).any()
 
-# %% ../nbs/06_skipping.ipynb #29e98042
+# %% ../nbs/06_skipping.ipynb #b8c73cb9
 def skipped_batch_norm(x, weight, bias, mean, var, eps=1e-5, copy=True):
     "A skipped training step: `x` normalized with fixed `mean`, `var` (copied unless `copy=False`: later steps overwrite them); gradient for x, weight, bias"
     weight, bias = params_like(weight, bias, mean)
     if copy: mean, var = mean.clone(), var.clone()
     return F.batch_norm(x, mean, var, weight, bias, False, 0., eps)
 
-# %% ../nbs/06_skipping.ipynb #d8d8c958
+# %% ../nbs/06_skipping.ipynb #8f2c9568
 def _host_ok(x):
     "Host-side decisions are possible: not compiling, not capturing a CUDA graph"
     return not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
