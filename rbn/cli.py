@@ -9,7 +9,7 @@ __all__ = ['make_parser', 'run_compare', 'run_bench', 'main']
 import argparse, sys
 from pathlib import Path
 
-# %% ../nbs/11_cli.ipynb #dece2447
+# %% ../nbs/11_cli.ipynb #b1f7ed93
 def _int_list(s):
     try: vals = [int(v) for v in s.split(',') if v.strip()]
     except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
@@ -17,10 +17,12 @@ def _int_list(s):
     return vals
 
 def _norm_list(s):
-    from rbn.experiments import NORMS
+    from rbn.experiments import get_norm
     vals = [v.strip() for v in s.split(',') if v.strip()]
-    bad = [v for v in vals if v not in NORMS]
-    if bad or not vals: raise argparse.ArgumentTypeError(f"unknown norm(s) {', '.join(map(repr, bad)) or repr(s)}; choose from {', '.join(NORMS)}")
+    if not vals: raise argparse.ArgumentTypeError(f"expected comma-separated norms, got {s!r}")
+    for v in vals:
+        try: get_norm(v)
+        except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
     return vals
 
 def _positive_int(s):
@@ -28,21 +30,24 @@ def _positive_int(s):
     if len(v) != 1: raise argparse.ArgumentTypeError(f"expected one positive integer, got {s!r}")
     return v[0]
 
-# %% ../nbs/11_cli.ipynb #ea81c478
+# %% ../nbs/11_cli.ipynb #c4402678
 def make_parser():
     p = argparse.ArgumentParser(prog='rbn', description='RunningBatchNorm course tools: compare norms by training, benchmark speed.')
     sub = p.add_subparsers(dest='command', required=True, metavar='{compare,bench}')
     c = sub.add_parser('compare', help='train the course CNN on Fashion-MNIST with several norms and compare',
                        description='Train the course CNN on Fashion-MNIST with each norm, batch size and seed; print a '
                                    'table of validation accuracy and training time, and save a plot.')
-    c.add_argument('--norms', type=_norm_list, default=['bn', 'rbn', 'gn'], help='comma-separated norms (default: bn,rbn,gn)')
+    c.add_argument('--norms', type=_norm_list, default=['bn', 'rbn', 'gn'],
+                   help='comma-separated norms from bn, rbn, srbn, lesson11, gn, ln, none; options as in rbn:mom=0.03:stats_grad=1 (default: bn,rbn,gn)')
     c.add_argument('--bs', type=_int_list, default=[32, 512], help='comma-separated batch sizes (default: 32,512)')
     c.add_argument('--epochs', type=_positive_int, default=1, help='epochs per run (default: 1)')
     c.add_argument('--seeds', type=_positive_int, default=1, help='number of seeds per setting (default: 1)')
     c.add_argument('--lr', type=float, default=None, help='learning rate (default: the square-root rule of rbn.experiments.lr_for)')
     c.add_argument('--train-size', type=_positive_int, default=None, help='train on the first N images only (default: all 60000)')
     c.add_argument('--data', default=None, help='folder with the Fashion-MNIST IDX files (default: $RBN_DATA, the Debian package, download)')
-    c.add_argument('--out', default='rbn-compare', help='folder for results.json, table.md, compare.png (default: ./rbn-compare)')
+    c.add_argument('--out', default='rbn-compare', help='folder for results.jsonl, table.md, compare.png (default: ./rbn-compare); '
+                   'runs already in its results.jsonl are reused, so an interrupted comparison resumes')
+    c.add_argument('--fresh', action='store_true', help='delete OUT/results.jsonl first and re-run everything')
     c.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     c.add_argument('--no-progress', action='store_true', help='no progress bars')
     b = sub.add_parser('bench', help='time RunningBatchNorm against nn.BatchNorm2d',
@@ -51,19 +56,19 @@ def make_parser():
     b.add_argument('--quick', action='store_true', help='fewer repeats and only the small shapes')
     return p
 
-# %% ../nbs/11_cli.ipynb #df3ca987
+# %% ../nbs/11_cli.ipynb #55d70c24
 def run_compare(args):
-    import json
     from rbn.experiments import compare, summarize, format_table, plot_compare
-    rows = compare(args.norms, args.bs, epochs=args.epochs, seeds=tuple(range(args.seeds)), data_path=args.data,
-                   train_size=args.train_size, lr=args.lr, device=args.device, progress=not args.no_progress)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
+    results = out/'results.jsonl'
+    if args.fresh and results.exists(): results.unlink()
+    rows = compare(args.norms, args.bs, epochs=args.epochs, seeds=tuple(range(args.seeds)), data_path=args.data,
+                   train_size=args.train_size, lr=args.lr, device=args.device, progress=not args.no_progress, results=results)
     table = format_table(summarize(rows))
-    (out/'results.json').write_text(json.dumps(rows, indent=1))
     (out/'table.md').write_text(table + '\n')
     plot_compare(summarize(rows), out/'compare.png')
     print(table)
-    print(f"\nsaved {out/'results.json'}, {out/'table.md'}, {out/'compare.png'}")
+    print(f"\nsaved {results}, {out/'table.md'}, {out/'compare.png'}")
     return rows
 
 def run_bench(args):

@@ -48,11 +48,11 @@ def _merge(x, mean, var, r, warm, var_floor):
     else: used = new_var.clamp_min(var_floor) if warm else new_var
     return new_mean, new_var, used
 
-# %% ../nbs/07_fast.ipynb #461935a1
+# %% ../nbs/07_fast.ipynb #6d595431
 class RunningBNFunction(torch.autograd.Function):
     "RunningBatchNorm's training step: forward as BatchNorm's two passes, backward as BatchNorm's with 1/N -> r/N"
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, r, warm, var_floor, eps):
+    def forward(ctx, x, weight, bias, mean, var, r, warm, var_floor, eps, r_grad=None):
         new_mean, new_var, used = _merge(x, mean, var, r, warm, var_floor)
         if x.is_cuda:                                               # SyncBatchNorm's elementwise kernel
             invstd = torch.rsqrt(used + eps)
@@ -61,6 +61,7 @@ class RunningBNFunction(torch.autograd.Function):
             invstd = None
             y = torch.batch_norm(x, weight, bias, new_mean, used, False, 0., eps, False)
         floored = isinstance(warm, torch.Tensor) or bool(warm)     # some channel may be floored: mask in backward
+        if r_grad is not None: r = r_grad                          # the backward may use another weight (a RunningBatchNorm option)
         ctx.save_for_backward(x, weight, new_mean, used, invstd, new_var if floored else None, r if isinstance(r, torch.Tensor) else None)
         ctx.r, ctx.eps, ctx.floored = r, eps, floored
         ctx.mark_non_differentiable(new_mean, new_var)
@@ -69,14 +70,14 @@ class RunningBNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_mean, _g_var):
-        if g is None: return (None,)*9                            # the output's gradient was never formed
+        if g is None: return (None,)*10                           # the output's gradient was never formed
         x, weight, mean, used, invstd, new_var, r_t = ctx.saved_tensors
         k = (r_t if r_t is not None else ctx.r) / (x.numel() // x.shape[1])
         keep = (used == new_var) if ctx.floored else None      # False where the floor made var a constant
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.is_cuda: dx, dw, db = _backward_cuda(g, x, weight, mean, invstd, keep, k, need_x, need_w, need_b)
         else: dx, dw, db = _backward_cpu(g, x, weight, mean, used, keep, k, ctx.eps, need_x, need_w, need_b)
-        return dx, dw if need_w else None, db if need_b else None, None, None, None, None, None, None
+        return dx, dw if need_w else None, db if need_b else None, None, None, None, None, None, None, None
 
 # %% ../nbs/07_fast.ipynb #e5b5e159
 def _backward_cuda(g, x, weight, mean, invstd, keep, k, need_x, need_w, need_b):
@@ -118,21 +119,22 @@ def _backward_cpu_masked(g, x, weight, mean, used, keep, k, eps, need_x, need_w,
         if dx.dtype != x.dtype: dx = dx.to(x.dtype)
     return dx, (sum_gxhat if need_w and weight is not None else None), (sum_g if need_b and weight is not None else None)
 
-# %% ../nbs/07_fast.ipynb #7595ae9a
+# %% ../nbs/07_fast.ipynb #5482a64d
 def params_like(weight, bias, stats):
     "`weight`, `bias` in the statistics' dtype (a `.half()` model keeps float32 statistics; native kernels want one dtype)"
     if weight is not None and weight.dtype != stats.dtype: weight = weight.to(stats.dtype)
     if bias is not None and bias.dtype != stats.dtype: bias = bias.to(stats.dtype)
     return weight, bias
 
-def running_batch_norm_fused(x, weight, bias, mean, var, count, num_samples, a, eps=1e-5, var_floor=0.01, warmup_samples=20):
+def running_batch_norm_fused(x, weight, bias, mean, var, count, num_samples, a, eps=1e-5, var_floor=0.01, warmup_samples=20,
+                             stats_grad=None):
     "Fused training step on `x` (N,C,*): `(y, new_mean, new_var, new_count)`, equal to `rbn.running.running_batch_norm`"
     n, bs = x.numel() // x.shape[1], x.shape[0]
     new_count = count*(1-a) + a*n
     r = (a*n)/new_count
     warm = num_samples < warmup_samples - bs     # a bool tensor or a Python bool
     weight, bias = params_like(weight, bias, mean)
-    y, new_mean, new_var = RunningBNFunction.apply(x, weight, bias, mean, var, r, warm, var_floor, eps)
+    y, new_mean, new_var = RunningBNFunction.apply(x, weight, bias, mean, var, r, warm, var_floor, eps, stats_grad)
     return y, new_mean, new_var, new_count
 
 # %% ../nbs/07_fast.ipynb #dfca35e9
