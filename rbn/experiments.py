@@ -58,7 +58,7 @@ def lr_for(bs, base=0.1, base_bs=2, max_lr=1.0):
     "Square-root scaling: `base` at batch size `base_bs`, times sqrt(bs/base_bs), capped at `max_lr`"
     return min(max_lr, base*math.sqrt(bs/base_bs))
 
-# %% ../nbs/08_small_batch.ipynb #882abd86
+# %% ../nbs/08_small_batch.ipynb #cdef9dde
 def _run_key(r): return (r['norm'], r['bs'], r['seed'], round(r['lr'], 12), r['epochs'], r.get('train_size'))
 
 def load_rows(fn):
@@ -90,10 +90,13 @@ def compare(norms=('bn', 'rbn', 'gn'), bss=(2, 32), epochs=1, seeds=(0,), data_p
     return rows
 
 def _train_row(key, bs, seed, lr0, epochs, train_size, data, device, progress):
-    dls = get_dls(*data, bs=bs, seed=seed)
-    r = train_cnn(get_norm(key), bs=bs, lr=lr0, lr_end=lr0/5, epochs=epochs, seed=seed, dls=dls, device=device, progress=progress)
+    from rbn.bench import CPUTimeCB
+    dls, cpu = get_dls(*data, bs=bs, seed=seed), CPUTimeCB()
+    r = train_cnn(get_norm(key), bs=bs, lr=lr0, lr_end=lr0/5, epochs=epochs, seed=seed, dls=dls, device=device,
+                  progress=progress, cbs=[cpu])
     return dict(norm=key, bs=bs, seed=seed, lr=lr0, epochs=epochs, train_size=train_size, valid_acc=r['valid_acc'],
-                valid_loss=r['valid_loss'], train_time=r['train_time'], diverged=bool(r['diverged']), device=str(device))
+                valid_loss=r['valid_loss'], train_time=r['train_time'], cpu_time=cpu.seconds, threads=torch.get_num_threads(),
+                diverged=bool(r['diverged']), device=str(device))
 
 def _append_row(fn, row):
     fn = Path(fn); fn.parent.mkdir(parents=True, exist_ok=True)
@@ -101,27 +104,32 @@ def _append_row(fn, row):
 
 def format_row(r):
     acc = 'diverged' if r['diverged'] else f"{r['valid_acc']:.4f}"
-    return f"{r['norm']:>9} bs={r['bs']:<4} seed={r['seed']} lr={r['lr']:.3g}  valid acc {acc:>8}  {r['train_time']:7.1f}s"
+    cpu = f", {r['cpu_time']:.1f}s CPU" if r.get('cpu_time') else ''
+    return f"{r['norm']:>9} bs={r['bs']:<4} seed={r['seed']} lr={r['lr']:.3g}  valid acc {acc:>8}  {r['train_time']:7.1f}s wall{cpu}"
 
-# %% ../nbs/08_small_batch.ipynb #e54f22e2
+# %% ../nbs/08_small_batch.ipynb #86135f0b
 def summarize(rows):
-    "Group rows by (norm, bs): n runs, mean/std valid accuracy (diverged = 0.1, chance), mean train time, divergences"
+    "Group rows by (norm, bs): n runs, mean/std valid accuracy (diverged = 0.1, chance), mean wall and CPU time, divergences"
     groups = {}
     for r in rows: groups.setdefault((r['norm'], r['bs']), []).append(r)
     out = []
     for (norm, bs), rs in groups.items():
         acc = torch.tensor([0.1 if r['diverged'] else r['valid_acc'] for r in rs], dtype=torch.float64)
+        cpu = [r.get('cpu_time') for r in rs if not r['diverged']]
         out.append(dict(norm=norm, bs=bs, n=len(rs), acc_mean=acc.mean().item(),
                         acc_std=acc.std().item() if len(rs) > 1 else 0.0,
-                        time_mean=sum(r['train_time'] for r in rs)/len(rs), n_diverged=sum(r['diverged'] for r in rs)))
+                        time_mean=sum(r['train_time'] for r in rs)/len(rs),
+                        cpu_mean=sum(cpu)/len(cpu) if cpu and all(cpu) else None, n_diverged=sum(r['diverged'] for r in rs)))
     return out
 
 def format_table(summary):
     "A markdown table of `summarize`'s output, one row per (norm, batch size)"
-    lines = ['| norm | bs | runs | valid acc (mean ± std) | train time (s) | diverged |', '|---|---|---|---|---|---|']
+    lines = ['| norm | bs | runs | valid acc (mean ± std) | train time (s, wall) | train time (s, CPU) | diverged |',
+             '|---|---|---|---|---|---|---|']
     for s in sorted(summary, key=lambda s: (s['bs'], s['norm'])):
+        cpu = f"{s['cpu_mean']:.1f}" if s['cpu_mean'] else '–'
         lines.append(f"| {s['norm']} | {s['bs']} | {s['n']} | {s['acc_mean']:.4f} ± {s['acc_std']:.4f} | "
-                     f"{s['time_mean']:.1f} | {s['n_diverged']} |")
+                     f"{s['time_mean']:.1f} | {cpu} | {s['n_diverged']} |")
     return '\n'.join(lines)
 
 def plot_compare(summary, fn=None):
@@ -132,8 +140,9 @@ def plot_compare(summary, fn=None):
         ss = sorted((s for s in summary if s['norm'] == norm), key=lambda s: s['bs'])
         bs = [s['bs'] for s in ss]
         a1.errorbar(bs, [s['acc_mean'] for s in ss], yerr=[s['acc_std'] for s in ss], marker='o', capsize=3, label=norm)
-        a2.plot(bs, [s['time_mean'] for s in ss], marker='o', label=norm)
-    for a, yl in ((a1, 'valid accuracy'), (a2, 'training time (s)')):
+        a2.plot(bs, [s['cpu_mean'] or s['time_mean'] for s in ss], marker='o', label=norm)
+    cpu = all(s['cpu_mean'] for s in summary)
+    for a, yl in ((a1, 'valid accuracy'), (a2, f"training time (s, {'CPU' if cpu else 'wall'})")):
         a.set_xscale('log', base=2); a.set_xlabel('batch size'); a.set_ylabel(yl); a.grid(alpha=0.3)
     a1.legend(); a2.set_yscale('log'); fig.tight_layout()
     if fn: fig.savefig(fn, dpi=100)

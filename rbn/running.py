@@ -88,7 +88,7 @@ def running_batch_norm_eval(x, weight, bias, mean, var, num_samples, eps=1e-5, v
     weight, bias = params_like(weight, bias, mean)
     return F.batch_norm(x, mean, warmup_var(var, num_samples, var_floor, warmup_samples), weight, bias, False, 0., eps)
 
-# %% ../nbs/05_simplified.ipynb #ed5c96ee
+# %% ../nbs/05_simplified.ipynb #f5d1fcf5
 def _as_stored(v, buf):
     "Python float `v` rounded as `buf` stores it (float32 buffers hold float32 values)"
     return struct.unpack('f', struct.pack('f', v))[0] if buf.dtype == torch.float32 else v
@@ -156,32 +156,32 @@ class RunningBatchNorm(nn.Module):
 
     def forward(self, x):
         check_input(x, self.nf, 'RunningBatchNorm')
+        buf, par = self._buffers, self._parameters    # direct dict reads: nn.Module's attribute lookup costs a microsecond each
+        mean, var = buf['running_mean'], buf['running_var']
         host = _host_ok(x)
-        count, seen = self._host.get(self.count, self.num_samples) if host else (self.count, self.num_samples)
+        count, seen = self._host.get(buf['count'], buf['num_samples']) if host else (buf['count'], buf['num_samples'])
         if not self.training:
-            return running_batch_norm_eval(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                           seen, self.eps, self.var_floor, self.warmup_samples)
+            return running_batch_norm_eval(x, par['weight'], par['bias'], mean, var, seen, self.eps, self.var_floor, self.warmup_samples)
         step = running_batch_norm_fused if self.fused and host else running_batch_norm   # compilers fuse the readable one
-        y, mean, var, new_count = step(x, self.weight, self.bias, self.running_mean, self.running_var, count, seen,
-                                       self.mom1(x.shape[0]), self.eps, self.var_floor, self.warmup_samples, self.stats_grad)
-        self._store(mean, var, new_count, x.shape[0], count, seen)
+        y, new_mean, new_var, new_count = step(x, par['weight'], par['bias'], mean, var, count, seen, self.mom1(x.shape[0]),
+                                               self.eps, self.var_floor, self.warmup_samples, self.stats_grad)
+        self._store(new_mean, new_var, new_count, x.shape[0], seen)
         return y
 
-    @torch.no_grad()
-    def _store(self, mean, var, count, bs, old, seen):
-        "Save the new running state (`old`, `seen`: the count and sample counter before this step)"
+    def _store(self, mean, var, count, bs, seen):
+        "Save the new running state (`seen`: the sample counter before this step); the new values carry no gradient"
+        buf = self._buffers
         if torch.compiler.is_compiling():
-            self.running_mean, self.running_var, self.count = mean, var, count
-            self.num_samples, self.num_batches_tracked = self.num_samples + bs, self.num_batches_tracked + 1
+            buf['running_mean'], buf['running_var'], buf['count'] = mean, var, count
+            buf['num_samples'], buf['num_batches_tracked'] = buf['num_samples'] + bs, buf['num_batches_tracked'] + 1
             return
-        torch._foreach_copy_([self.running_mean, self.running_var], [mean, var])
-        if isinstance(count, torch.Tensor):
-            self.count.copy_(count); torch._foreach_add_([self.num_samples, self.num_batches_tracked], [bs, 1])
-            self._host.forget()
-        else:   # one op for all three: count += (new - old), which rounds exactly as _as_stored predicts
-            step = _as_stored(count - old, self.count)
-            torch._foreach_add_([self.count, self.num_samples, self.num_batches_tracked], [step, bs, 1])
-            self._host.set(self.count, self.num_samples, _as_stored(old + step, self.count), seen + bs)
+        torch._foreach_copy_([buf['running_mean'], buf['running_var']], [mean, var])
+        torch._foreach_add_([buf['num_samples'], buf['num_batches_tracked']], [bs, 1])
+        if isinstance(count, torch.Tensor): buf['count'].copy_(count); self._host.forget()
+        else:
+            count = _as_stored(count, buf['count'])   # the value the buffer will hold
+            buf['count'].fill_(count)
+            self._host.set(buf['count'], buf['num_samples'], count, seen + bs)
 
     def extra_repr(self):
         return (f"{self.nf}, mom={self.mom}, eps={self.eps}, var_floor={self.var_floor}, "
