@@ -107,7 +107,7 @@ def format_row(r):
     cpu = f", {r['cpu_time']:.1f}s CPU" if r.get('cpu_time') else ''
     return f"{r['norm']:>9} bs={r['bs']:<4} seed={r['seed']} lr={r['lr']:.3g}  valid acc {acc:>8}  {r['train_time']:7.1f}s wall{cpu}"
 
-# %% ../nbs/08_small_batch.ipynb #86135f0b
+# %% ../nbs/08_small_batch.ipynb #b5d99fd5
 def summarize(rows):
     "Group rows by (norm, bs): n runs, mean/std valid accuracy (diverged = 0.1, chance), mean wall and CPU time, divergences"
     groups = {}
@@ -132,18 +132,24 @@ def format_table(summary):
                      f"{s['time_mean']:.1f} | {cpu} | {s['n_diverged']} |")
     return '\n'.join(lines)
 
-def plot_compare(summary, fn=None):
-    "Valid accuracy and training time against batch size, one line per norm; saved to `fn` when given"
+def plot_compare(summary, fn=None, zoom=None):
+    "Valid accuracy (all, and zoomed to `zoom`, default the 0.08 below the best) and training time against batch size, one line per norm; saved to `fn`"
     import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if zoom is None:
+        top = max(s['acc_mean'] for s in summary)
+        zoom = (round(top - 0.08, 3), round(top + 0.01, 3))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.8))
+    cpu = any(s['cpu_mean'] for s in summary)          # CPU time where rows have it, else wall time
     for norm in dict.fromkeys(s['norm'] for s in summary):
         ss = sorted((s for s in summary if s['norm'] == norm), key=lambda s: s['bs'])
         bs = [s['bs'] for s in ss]
-        a1.errorbar(bs, [s['acc_mean'] for s in ss], yerr=[s['acc_std'] for s in ss], marker='o', capsize=3, label=norm)
-        a2.plot(bs, [s['cpu_mean'] or s['time_mean'] for s in ss], marker='o', label=norm)
-    cpu = all(s['cpu_mean'] for s in summary)
-    for a, yl in ((a1, 'valid accuracy'), (a2, f"training time (s, {'CPU' if cpu else 'wall'})")):
+        for a in (a1, a2):
+            a.errorbar(bs, [s['acc_mean'] for s in ss], yerr=[s['acc_std'] for s in ss], marker='o', capsize=3, label=norm)
+        ts = [(s['bs'], s['cpu_mean'] if cpu else s['time_mean']) for s in ss if s['n_diverged'] < s['n']]
+        a3.plot([b for b, t in ts if t], [t for b, t in ts if t], marker='o', label=norm)
+    a2.set_ylim(*zoom); a2.set_title(f'zoomed to {zoom[0]}–{zoom[1]}')
+    for a, yl in ((a1, 'valid accuracy'), (a2, 'valid accuracy'), (a3, f"training time (s, {'CPU' if cpu else 'wall'})")):
         a.set_xscale('log', base=2); a.set_xlabel('batch size'); a.set_ylabel(yl); a.grid(alpha=0.3)
-    a1.legend(); a2.set_yscale('log'); fig.tight_layout()
+    a1.legend(fontsize=8); a3.set_yscale('log'); fig.tight_layout()
     if fn: fig.savefig(fn, dpi=100)
     return fig
