@@ -58,7 +58,7 @@ def lr_for(bs, base=0.1, base_bs=2, max_lr=1.0):
     "Square-root scaling: `base` at batch size `base_bs`, times sqrt(bs/base_bs), capped at `max_lr`"
     return min(max_lr, base*math.sqrt(bs/base_bs))
 
-# %% ../nbs/08_small_batch.ipynb #cdef9dde
+# %% ../nbs/08_small_batch.ipynb #278aab86
 def _run_key(r): return (r['norm'], r['bs'], r['seed'], round(r['lr'], 12), r['epochs'], r.get('train_size'))
 
 def load_rows(fn):
@@ -77,7 +77,7 @@ def compare(norms=('bn', 'rbn', 'gn'), bss=(2, 32), epochs=1, seeds=(0,), data_p
             get_norm(key)                         # a bad spec fails before any training
             for seed in seeds:
                 lr0 = lr or lr_for(bs)
-                row = done.get((key, bs, seed, round(lr0, 12), epochs, train_size))
+                row = done.get(_run_key(dict(norm=key, bs=bs, seed=seed, lr=lr0, epochs=epochs, train_size=train_size)))
                 reused = row is not None
                 if not reused:
                     if data is None:
