@@ -1,1 +1,8 @@
-__version__ = "0.1.0"
+__version__ = "0.0.1"
+
+from .running import RunningBatchNorm, register_fast_step
+from .skipping import SkippingRunningBatchNorm
+from . import fused  # noqa: F401 -- registers the fast training steps (course order: notebook 07 plugs into notebook 05)
+from .convert import convert_to_rbn, SyncRunningBatchNorm
+
+__all__ = ['RunningBatchNorm', 'SkippingRunningBatchNorm', 'SyncRunningBatchNorm', 'convert_to_rbn', 'register_fast_step']
