@@ -188,8 +188,9 @@ class RunningBatchNorm(_RunningNorm):
 
     def forward(self, x):
         check_input(x, self.num_features, type(self).__name__)
+        if not x.is_floating_point(): raise TypeError(f"{type(self).__name__}: expected a floating-point input, got {x.dtype}")
         self.input_ndim = x.dim()
-        if not self.training:
+        if not self.training or x.numel() == 0:         # an empty batch has no statistics to merge
             return self._normalize(x, self.running_mean, warmup_var(self.running_var, self.num_samples, self.var_floor, self.warmup_samples))
         if not self.update_now(x): return self._skipped_step(x)
         step = FAST_STEPS.get(x.device.type) if self.fused and not torch.compiler.is_compiling() else None
