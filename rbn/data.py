@@ -109,7 +109,7 @@ def find_dataset(name='fashion-mnist', path=None, download=True, cache_dir=None)
         tried.append(f"  - torchvision download into {cache}: failed ({err})")
     else: tried.append("  - torchvision download: not tried (download=False)")
     raise FileNotFoundError(f"Could not find the {name} data set. Looked in:\n" + '\n'.join(tried) +
-        f"\nFix one of: pass path=FOLDER; set RBN_DATA=FOLDER; " + (f"`sudo apt-get install {info['apt']}`; " if info['apt'] else '') +
+        "\nFix one of: pass path=FOLDER; set RBN_DATA=FOLDER; " + (f"`sudo apt-get install {info['apt']}`; " if info['apt'] else '') +
         f"or allow the torchvision download (needs internet). A folder must hold {', '.join(FILES.values())} (or .gz).")
 
 # %% ../nbs/00_data.ipynb #d8a19aec
