@@ -3,6 +3,6 @@ __version__ = "0.0.1"
 from .running import RunningBatchNorm, register_fast_step
 from .skipping import SkippingRunningBatchNorm
 from . import fused  # noqa: F401 -- registers the fast training steps (course order: notebook 07 plugs into notebook 05)
-from .convert import convert_to_rbn, SyncRunningBatchNorm
+from .convert import convert_to_rbn, convert_to_bn, SyncRunningBatchNorm
 
-__all__ = ['RunningBatchNorm', 'SkippingRunningBatchNorm', 'SyncRunningBatchNorm', 'convert_to_rbn', 'register_fast_step']
+__all__ = ['RunningBatchNorm', 'SkippingRunningBatchNorm', 'SyncRunningBatchNorm', 'convert_to_rbn', 'convert_to_bn', 'register_fast_step']
