@@ -67,6 +67,7 @@ def make_parser():
                        description='Forward+backward time of RunningBatchNorm against nn.BatchNorm2d at course and ResNet-like shapes.')
     b.add_argument('--device', default=None, help='cpu or cuda (default: both when a GPU is present, else cpu)')
     b.add_argument('--quick', action='store_true', help='fewer repeats and only the small shapes')
+    b.add_argument('--out', metavar='DIR', type=Path, default=None, help='also save the tables and the plot there (bench.txt, bench.json, bench.png)')
     return p
 
 # %% ../nbs/11_cli.ipynb #55291e5a
@@ -128,7 +129,7 @@ def run_compare(args):
 def run_bench(args):
     try: from rbn.bench import main as bench_main
     except ImportError: sys.exit("rbn bench: the benchmark module is not available in this version")
-    return bench_main(device=args.device, quick=args.quick)
+    return bench_main(device=args.device, quick=args.quick, out=args.out)
 
 def main(argv=None):
     "Entry point of the `rbn` console script: runs the subcommand, exits 0, or 1 with a one-line message"
