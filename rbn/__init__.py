@@ -1,4 +1,4 @@
-__version__ = "0.0.1"
+__version__ = "0.1.0"
 
 from .running import RunningBatchNorm, register_fast_step
 from .skipping import SkippingRunningBatchNorm
