@@ -193,17 +193,16 @@ class RunningBatchNorm(_RunningNorm):
         if not self.training or x.numel() == 0:         # an empty batch has no statistics to merge
             return self._normalize(x, self.running_mean, warmup_var(self.running_var, self.num_samples, self.var_floor, self.warmup_samples))
         if not self.update_now(x): return self._skipped_step(x)
-        step = FAST_STEPS.get(x.device.type) if self.fused and not torch.compiler.is_compiling() else None
-        if step is not None and type(self).batch_stats is RunningBatchNorm.batch_stats: return step(self, x)
-        return self._readable_step(x)
+        stats = self.batch_stats(x)
+        step = FAST_STEPS.get(x.device.type) if self.fused and stats is None and not torch.compiler.is_compiling() else None
+        return step(self, x) if step is not None else self._readable_step(x, stats)
 
     def _normalize(self, x, mean, var):
         "`x` normalized with fixed statistics `mean`, `var` and the current parameters (one native op)"
         weight, bias = params_like(self.weight, self.bias, mean)
         return F.batch_norm(x, mean, var, weight, bias, False, 0., self.eps)
 
-    def _readable_step(self, x):
-        stats = self.batch_stats(x)
+    def _readable_step(self, x, stats=None):
         bs = x.shape[0] if stats is None else stats[3]
         y, mean, var, count, merged = running_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
             self.count, self.num_samples, self.mom1(bs), self.eps, self.var_floor, self.warmup_samples, self.stats_grad, stats)
