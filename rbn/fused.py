@@ -25,36 +25,40 @@ def batch_stats(x):
     return torch.batch_norm_update_stats(x, None, None, 0.)
 
 # %% ../nbs/07_fast.ipynb #25e700ba
-def _merge(x, mean, var, r, seen, warmup_samples, var_floor):
-    "This batch merged into `(mean, var)` at share `r` unless it holds inf/NaN: `(new_mean, new_var, used_var, merged, warm)`"
+def _merge(x, mean, var, r, seen, warmup_samples, r_keep=None):
+    "This batch merged at share `r` (to normalize with) and `r_keep` (to keep; default `r`) unless it holds inf/NaN: `(new_mean, new_var, used_mean, used_var, merged, warm)`"
     batch_mean, batch_var = batch_stats(x)
     merged = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
-    rd = (batch_mean - mean)*r
-    new_mean = mean + rd
-    new_var = torch.lerp(var, batch_var, r).addcmul_(rd, batch_mean - new_mean)   # r(1-r)d² = r*d*(batch_mean - new_mean)
+    def at(r):
+        rd = (batch_mean - mean)*r
+        m = mean + rd
+        return m, torch.lerp(var, batch_var, r).addcmul_(rd, batch_mean - m)   # r(1-r)d² = r*d*(batch_mean - m)
+    used_mean, used_var = at(r)
+    new_mean, new_var = (used_mean, used_var) if r_keep is None or r_keep == r else at(r_keep)
     if isinstance(seen, torch.Tensor):          # on the GPU: decide on the device, read nothing back
-        new_mean, new_var = torch.where(merged, new_mean, mean), torch.where(merged, new_var, var)
-        warm = seen + x.shape[0]*merged < warmup_samples
-        return new_mean, new_var, torch.where(warm, new_var.clamp_min(var_floor), new_var), merged, warm
+        used_mean, used_var, new_mean, new_var = (torch.where(merged, t, old) for t, old in
+                                                  ((used_mean, mean), (used_var, var), (new_mean, mean), (new_var, var)))
+        return new_mean, new_var, used_mean, used_var, merged, seen + x.shape[0]*merged < warmup_samples
     merged = bool(merged)
-    if not merged: new_mean, new_var = mean.clone(), var.clone()
-    warm = seen + x.shape[0]*merged < warmup_samples
-    return new_mean, new_var, (new_var.clamp_min(var_floor) if warm else new_var), merged, warm
+    if not merged: new_mean, new_var = used_mean, used_var = mean.clone(), var.clone()
+    return new_mean, new_var, used_mean, used_var, merged, seen + x.shape[0]*merged < warmup_samples
 
 # %% ../nbs/07_fast.ipynb #34f8fbf9
 class RunningBNFunction(torch.autograd.Function):
     "RunningBatchNorm's training step on PyTorch's batch-norm kernels: BatchNorm's passes, backward with 1/N -> r/N"
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, r, seen, warmup_samples, var_floor, eps, stats_grad=None):
-        new_mean, new_var, used, merged, warm = _merge(x, mean, var, r, seen, warmup_samples, var_floor)
+    def forward(ctx, x, weight, bias, mean, var, r, seen, warmup_samples, var_floor, eps, stats_grad=None, r_keep=None):
+        new_mean, new_var, used_mean, used_var, merged, warm = _merge(x, mean, var, r, seen, warmup_samples, r_keep)
+        if isinstance(warm, torch.Tensor): used = torch.where(warm, used_var.clamp_min(var_floor), used_var)
+        else: used = used_var.clamp_min(var_floor) if warm else used_var
         if x.is_cuda:                                               # SyncBatchNorm's elementwise kernel
             invstd = torch.rsqrt(used + eps)
-            y = torch.batch_norm_elemt(x, weight, bias, new_mean, invstd, eps)
+            y = torch.batch_norm_elemt(x, weight, bias, used_mean, invstd, eps)
         else:                                                       # eval-mode batch norm: x*factor + offset, one pass
             invstd = None
-            y = torch.batch_norm(x, weight, bias, new_mean, used, False, 0., eps, False)
+            y = torch.batch_norm(x, weight, bias, used_mean, used, False, 0., eps, False)
         r_grad = (r if stats_grad is None else stats_grad)*merged  # the share the backward uses; 0 if not merged
-        ctx.save_for_backward(x, weight, new_mean, used, invstd, new_var, r_grad if isinstance(r_grad, torch.Tensor) else None)
+        ctx.save_for_backward(x, weight, used_mean, used, invstd, used_var, r_grad if isinstance(r_grad, torch.Tensor) else None)
         ctx.r, ctx.eps, ctx.floored = r_grad, eps, warm is not False   # False: no channel floored, no mask needed
         ctx.mark_non_differentiable(new_mean, new_var)
         ctx.set_materialize_grads(False)                            # no zero gradients for the statistics
@@ -62,14 +66,14 @@ class RunningBNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, *_):
-        if g is None: return (None,)*11                            # the output's gradient was never formed
-        x, weight, mean, used, invstd, new_var, r_t = ctx.saved_tensors
+        if g is None: return (None,)*12                            # the output's gradient was never formed
+        x, weight, mean, used, invstd, used_var, r_t = ctx.saved_tensors
         k = (r_t if r_t is not None else ctx.r) / (x.numel() // x.shape[1])
-        keep = (used == new_var) if ctx.floored else None          # False where the floor made var a constant
+        keep = (used == used_var) if ctx.floored else None          # False where the floor made var a constant
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.is_cuda: dx, dw, db = _backward_cuda(g, x, weight, mean, invstd, keep, k, need_x, need_w, need_b)
         else: dx, dw, db = _backward_cpu(g, x, weight, mean, used, keep, k, ctx.eps, need_x, need_w, need_b)
-        return dx, dw if need_w else None, db if need_b else None, *(None,)*8
+        return dx, dw if need_w else None, db if need_b else None, *(None,)*9
 
 # %% ../nbs/07_fast.ipynb #4ec02aa6
 def _memory_format(x):
@@ -126,12 +130,12 @@ def python_step(layer, x):
     buf = layer._buffers
     mean, var, count, seen = buf['running_mean'], buf['running_var'], buf['count'], buf['num_samples']
     bs, n = x.shape[0], x.numel() // x.shape[1]
-    a = layer.mom1(bs)
+    a, k = layer.mom1(bs, n), layer.keep(bs, n)
     if x.device.type == 'cpu': count, seen = count.item(), seen.item()
-    new_count = count*(1-a) + a*n
+    r, new_count = a*n/(count*(1-a) + a*n), count*(1-k) + k*n
     weight, bias = params_like(layer.weight, layer.bias, mean)
-    y, new_mean, new_var, merged = RunningBNFunction.apply(x, weight, bias, mean, var, a*n/new_count, seen,
-                                                           layer.warmup_samples, layer.var_floor, layer.eps, layer.stats_grad)
+    y, new_mean, new_var, merged = RunningBNFunction.apply(x, weight, bias, mean, var, r, seen, layer.warmup_samples,
+                                                           layer.var_floor, layer.eps, layer.stats_grad, k*n/new_count)
     with torch.no_grad():
         if isinstance(merged, bool):
             if merged:
@@ -186,8 +190,9 @@ def native_op():
 def native_step(layer, x):
     "`RunningBatchNorm`'s training step on the CPU as one native op (buffers updated in place)"
     b, p = layer._buffers, layer._parameters
+    bs, n = x.shape[0], x.numel() // max(x.shape[1], 1)
     return _NATIVE['op'](x, p['weight'], p['bias'], b['running_mean'], b['running_var'], b['count'], b['num_samples'],
-                         b['num_batches_tracked'], b['num_nonfinite'], layer.mom1(x.shape[0]), layer.eps,
+                         b['num_batches_tracked'], b['num_nonfinite'], layer.mom1(bs, n), layer.keep(bs, n), layer.eps,
                          layer.var_floor, layer.warmup_samples, layer.stats_grad)
 
 def cpu_step(layer, x):

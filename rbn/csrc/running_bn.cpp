@@ -1,10 +1,11 @@
 // RunningBatchNorm's training step on the CPU as one op, and its backward (the derivation is in nbs/07_fast.ipynb).
 //
 //   rbn::running_bn_train(x, weight, bias, running_mean, running_var, count, num_samples, num_batches_tracked,
-//                         num_nonfinite, a, eps, var_floor, warmup_samples, stats_grad) -> y
+//                         num_nonfinite, a, keep, eps, var_floor, warmup_samples, stats_grad) -> y
 //
-// Forward: per-channel batch moments in one pass, merged into the running statistics (the buffers are updated in
-// place, a batch holding inf/NaN is not merged), the warm-up floor, then y = x*scale + shift in a second pass.
+// Forward: per-channel batch moments in one pass, merged into the running statistics at weight a (to normalize with)
+// and at weight keep (the buffers, updated in place; a batch holding inf/NaN is not merged), the warm-up floor, then
+// y = x*scale + shift in a second pass.
 // Backward: BatchNorm's with 1/N replaced by k = r/N (r = the batch's share of the merged statistics, or stats_grad),
 // and no variance term in channels whose variance the floor replaced by a constant.
 #include <torch/library.h>
@@ -225,7 +226,7 @@ Tensor tensor_of(const std::vector<double>& v, const at::TensorOptions& opts) {
 template <typename T>
 std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x0, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     Tensor& rmean, Tensor& rvar, Tensor& count, Tensor& num_samples, Tensor& nbt, Tensor& nonfinite,
-    double a, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
+    double a, double keep, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
   using A = typename Io<T>::A;
   const Tensor x = dense(x0);
   const Layout s = layout_of(x);
@@ -262,16 +263,20 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x0, const std::optional<Ten
     if (!std::isfinite(bm[c]) || !std::isfinite(S2[c])) merged = false;
   }
   const double cnt = read_double(count);
-  const double w1 = (1 - a)*cnt, w2 = a*n, total = w1 + w2, r = w2/total;
+  const double r = a*n/((1 - a)*cnt + a*n);                     // the batch's share in the statistics normalized with
+  const double total = (1 - keep)*cnt + keep*n, rk = keep*n/total;   // ... and in the statistics kept
   const double rg = merged ? (stats_grad ? *stats_grad : r) : 0.;   // the share the backward uses
+  std::vector<double> kmean(mean), kvar(var);
   if (merged) {
     for (int64_t c = 0; c < C; ++c) {
       const double d = bm[c] - mean[c];
+      kmean[c] = mean[c] + rk*d;
+      kvar[c] = (1 - rk)*var[c] + rk*bv[c] + rk*(1 - rk)*d*d;
       mean[c] += r*d;
       var[c] = (1 - r)*var[c] + r*bv[c] + r*(1 - r)*d*d;
     }
-    if (f64) { store_stat<double>(rmean, mean); store_stat<double>(rvar, var); }
-    else { store_stat<float>(rmean, mean); store_stat<float>(rvar, var); }
+    if (f64) { store_stat<double>(rmean, kmean); store_stat<double>(rvar, kvar); }
+    else { store_stat<float>(rmean, kmean); store_stat<float>(rvar, kvar); }
     if (count.scalar_type() == at::kDouble) *count.data_ptr<double>() = total; else *count.data_ptr<float>() = float(total);
     *num_samples.data_ptr<int64_t>() += s.N;
   } else {
@@ -332,20 +337,20 @@ void check_forward(const Tensor& x, const std::optional<Tensor>& weight, const T
 
 std::tuple<Tensor, Tensor> running_bn_forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, Tensor& rmean, Tensor& rvar, Tensor& count, Tensor& num_samples, Tensor& nbt,
-    Tensor& nonfinite, double a, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
+    Tensor& nonfinite, double a, double keep, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
   check_forward(x, weight, rmean, rvar, count, num_samples, nbt, nonfinite);
   switch (x.scalar_type()) {
-    case at::kFloat: return forward_cpu<float>(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, eps, var_floor, warmup_samples, stats_grad);
-    case at::kDouble: return forward_cpu<double>(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, eps, var_floor, warmup_samples, stats_grad);
-    case at::kBFloat16: return forward_cpu<at::BFloat16>(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, eps, var_floor, warmup_samples, stats_grad);
-    case at::kHalf: return forward_cpu<at::Half>(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, eps, var_floor, warmup_samples, stats_grad);
+    case at::kFloat: return forward_cpu<float>(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, keep, eps, var_floor, warmup_samples, stats_grad);
+    case at::kDouble: return forward_cpu<double>(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, keep, eps, var_floor, warmup_samples, stats_grad);
+    case at::kBFloat16: return forward_cpu<at::BFloat16>(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, keep, eps, var_floor, warmup_samples, stats_grad);
+    case at::kHalf: return forward_cpu<at::Half>(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, keep, eps, var_floor, warmup_samples, stats_grad);
     default: TORCH_CHECK(false, "running_bn_train: unsupported dtype ", x.scalar_type());
   }
 }
 
 std::tuple<Tensor, Tensor> running_bn_forward_meta(const Tensor& x, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, Tensor& rmean, Tensor& rvar, Tensor& count, Tensor& num_samples, Tensor& nbt,
-    Tensor& nonfinite, double a, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
+    Tensor& nonfinite, double a, double keep, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
   return {at::empty_like(dense(x)), at::empty({4, x.size(1)}, x.options().dtype(at::kDouble))};
 }
 
@@ -433,14 +438,14 @@ using torch::autograd::variable_list;
 struct RunningBNTrain : public torch::autograd::Function<RunningBNTrain> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& weight,
                         const std::optional<Tensor>& bias, Tensor rmean, Tensor rvar, Tensor count, Tensor num_samples,
-                        Tensor nbt, Tensor nonfinite, double a, double eps, double var_floor, int64_t warmup_samples,
+                        Tensor nbt, Tensor nonfinite, double a, double keep, double eps, double var_floor, int64_t warmup_samples,
                         std::optional<double> stats_grad) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rbn::running_bn_forward", "")
                          .typed<decltype(running_bn_forward_cpu)>();
     Tensor y, saved;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(y, saved) = op.call(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, eps, var_floor,
+      std::tie(y, saved) = op.call(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, keep, eps, var_floor,
                                    warmup_samples, stats_grad);
     }
     for (Tensor* t : {&rmean, &rvar, &count, &num_samples, &nbt, &nonfinite})
@@ -455,7 +460,7 @@ struct RunningBNTrain : public torch::autograd::Function<RunningBNTrain> {
                          .typed<decltype(running_bn_backward_cpu)>();
     auto sv = ctx->get_saved_variables();
     const Tensor &x = sv[0], &weight = sv[1], &saved = sv[2];
-    variable_list out(14);
+    variable_list out(15);
     if (!grads[0].defined()) return out;
     const bool has_w = weight.defined(), has_b = !ctx->saved_data["bias_dtype"].isNone();
     std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(1), has_b && ctx->needs_input_grad(2)};
@@ -476,17 +481,17 @@ struct RunningBNTrain : public torch::autograd::Function<RunningBNTrain> {
 
 Tensor running_bn_train_autograd(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     Tensor& rmean, Tensor& rvar, Tensor& count, Tensor& num_samples, Tensor& nbt, Tensor& nonfinite, double a,
-    double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
-  return RunningBNTrain::apply(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, eps, var_floor,
+    double keep, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
+  return RunningBNTrain::apply(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, keep, eps, var_floor,
                                warmup_samples, stats_grad);
 }
 
 Tensor running_bn_train_composite(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     Tensor& rmean, Tensor& rvar, Tensor& count, Tensor& num_samples, Tensor& nbt, Tensor& nonfinite, double a,
-    double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
+    double keep, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rbn::running_bn_forward", "")
                        .typed<decltype(running_bn_forward_cpu)>();
-  return std::get<0>(op.call(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, eps, var_floor,
+  return std::get<0>(op.call(x, weight, bias, rmean, rvar, count, num_samples, nbt, nonfinite, a, keep, eps, var_floor,
                              warmup_samples, stats_grad));
 }
 
@@ -494,7 +499,7 @@ Tensor running_bn_train_composite(const Tensor& x, const std::optional<Tensor>& 
 
 #define RBN_ARGS "Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, " \
   "Tensor(c!) count, Tensor(d!) num_samples, Tensor(e!) num_batches_tracked, Tensor(f!) num_nonfinite, float a, " \
-  "float eps, float var_floor, int warmup_samples, float? stats_grad"
+  "float keep, float eps, float var_floor, int warmup_samples, float? stats_grad"
 
 TORCH_LIBRARY(rbn, m) {
   m.def("running_bn_train(" RBN_ARGS ") -> Tensor");
