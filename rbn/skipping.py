@@ -25,16 +25,17 @@ def drifted(x, mean, var, r, max_drift=4., eps=1e-5, n_images=8):
 
 # %% ../nbs/06_skipping.ipynb #8f2c9568
 class SkippingRunningBatchNorm(RunningBatchNorm):
-    "RunningBatchNorm that, after `skip_after` samples, recomputes its statistics only every `every` steps -- and whenever a batch would grow a channel's variance by more than `max_drift`"
-    def __init__(self, num_features, *args, every=4, skip_after=1000, max_drift=4., guard_images=8, mom1_rule='const', **kwargs):
-        super().__init__(num_features, *args, mom1_rule=mom1_rule, **kwargs)
+    "RunningBatchNorm that, after `skip_after` samples and for batches weighing less than `max_share`, recomputes its statistics only every `every` steps -- and whenever a batch would grow a channel's variance by more than `max_drift`"
+    def __init__(self, num_features, *args, every=4, skip_after=1000, max_drift=4., guard_images=8, max_share=0.5, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"SkippingRunningBatchNorm: every must be an integer >= 1, got {every!r}")
         if skip_after < 0: raise ValueError(f"SkippingRunningBatchNorm: skip_after must be >= 0 samples, got {skip_after}")
         if max_drift is not None and not max_drift > 1:
             raise ValueError(f"SkippingRunningBatchNorm: max_drift must be > 1 (a variance growth factor) or None, got {max_drift}")
         if guard_images < 1: raise ValueError(f"SkippingRunningBatchNorm: guard_images must be >= 1, got {guard_images}")
-        self.every, self.skip_after, self.max_drift, self.guard_images = every, skip_after, max_drift, guard_images
+        if not 0 <= max_share <= 1: raise ValueError(f"SkippingRunningBatchNorm: max_share must be in [0, 1], got {max_share}")
+        self.every, self.skip_after, self.max_drift, self.guard_images, self.max_share = every, skip_after, max_drift, guard_images, max_share
         self.register_buffer('n_updates', torch.zeros_like(self.num_batches_tracked))
 
     def reset_running_stats(self):
@@ -50,10 +51,12 @@ class SkippingRunningBatchNorm(RunningBatchNorm):
 
     def _needs_update(self, x):
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()): return True  # no host decisions
-        if self.num_samples.item() < self.skip_after or self.num_batches_tracked.item() % self.every == 0: return True
+        n = x.numel() // x.shape[1]
+        a = self.mom1(x.shape[0], n)              # this batch's share of the statistics it is normalized with
+        if a >= self.max_share or self.num_samples.item() < self.skip_after or self.num_batches_tracked.item() % self.every == 0: return True
         if self.max_drift is None: return False
-        r = batch_weight(self.count, self.mom1(x.shape[0]), x.numel() // x.shape[1])   # this batch's share, were it merged
+        r = batch_weight(self.count, a, n)        # ... exactly, from the count
         return bool(drifted(x.detach(), self.running_mean, self.running_var, r, self.max_drift, self.eps, self.guard_images))
 
     def extra_repr(self):
-        return super().extra_repr() + f", every={self.every}, skip_after={self.skip_after}, max_drift={self.max_drift}"
+        return super().extra_repr() + f", every={self.every}, skip_after={self.skip_after}, max_drift={self.max_drift}, max_share={self.max_share}"
