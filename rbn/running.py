@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['MOM1_RULES', 'PER_VALUE_RULES', 'merge_stats', 'rbn_mom1', 'const_mom1', 'pow_mom1', 'pow_cap_mom1', 'values_mom1',
-           'warmup_var', 'running_batch_norm', 'running_batch_norm_eval', 'register_fast_step', 'RunningBatchNorm']
+           'warmup_var', 'running_batch_norm', 'running_batch_norm_eval', 'register_fast_step', 'RunningBatchNorm',
+           'SmoothedGradNorm']
 
 # %% ../nbs/05_simplified.ipynb #87679f38
 import math, warnings
@@ -82,7 +83,7 @@ def scale_grad(t, c):
 
 # %% ../nbs/05_simplified.ipynb #48adfee1
 def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e-5, var_floor=0.01, warmup_samples=20,
-                       stats_grad=None, batch_stats=None, keep=None):
+                       stats_grad=None, batch_stats=None, keep=None, grad_avg=None, grad_w=None):
     "One training step on `x` (N,C,*): `(y, new_mean, new_var, new_count, merged)`, mutating nothing"
     batch_mean, batch_var, n, bs = local_batch_stats(x) if batch_stats is None else batch_stats
     if stats_grad is not None:                   # backward as if this batch's share were stats_grad (see "Options")
@@ -96,7 +97,8 @@ def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e
     used_mean, used_var, new_mean, new_var, new_count = (torch.where(merged, new, old) for new, old in
         ((used_mean, mean), (used_var, var), (new_mean, mean), (new_var, var), (new_count, count)))
     used_var = warmup_var(used_var, num_samples + bs*merged, var_floor, warmup_samples)
-    y = scale_shift(x.to(stat_dtype(x)), weight, bias, used_mean, used_var, eps)
+    if grad_avg is None: y = scale_shift(x.to(stat_dtype(x)), weight, bias, used_mean, used_var, eps)
+    else: y = SmoothedGradNorm.apply(x.to(stat_dtype(x)), weight, bias, used_mean.detach(), used_var.detach(), eps, grad_avg, grad_w)
     return y.to(x.dtype), new_mean.detach(), new_var.detach(), new_count.detach(), merged
 
 # %% ../nbs/05_simplified.ipynb #23c2f0ac
@@ -117,7 +119,7 @@ class _RunningNorm(nn.Module):
     "Parameters, statistics buffers, reset, dtype moves and state of a layer with running statistics"
     _version = 2                                  # 2: buffer `num_nonfinite` added
     def __init__(self, num_features, mom=0.1, eps=1e-5, var_floor=0.01, warmup_samples=20, affine=True, fused=True,
-                 mom1_rule='sqrt', running_rule='pow', stats_grad=None, device=None, dtype=None):
+                 mom1_rule='sqrt', running_rule='pow', stats_grad=None, grad_mom=None, device=None, dtype=None):
         super().__init__()
         name = type(self).__name__
         if not 0 < mom <= 1: raise ValueError(f"{name}: mom must be in (0, 1], got {mom}")
@@ -126,8 +128,10 @@ class _RunningNorm(nn.Module):
         if running_rule is not None and running_rule not in MOM1_RULES:
             raise ValueError(f"{name}: running_rule must be None or one of {', '.join(map(repr, MOM1_RULES))}, got {running_rule!r}")
         if stats_grad is not None and not 0 <= stats_grad <= 1: raise ValueError(f"{name}: stats_grad must be None or in [0, 1], got {stats_grad}")
+        if grad_mom is not None and not 0 < grad_mom <= 1: raise ValueError(f"{name}: grad_mom must be None or in (0, 1], got {grad_mom}")
         self.num_features, self.mom, self.eps, self.var_floor, self.warmup_samples = num_features, mom, eps, var_floor, warmup_samples
         self.affine, self.fused, self.mom1_rule, self.running_rule, self.stats_grad = affine, fused, mom1_rule, running_rule, stats_grad
+        self.grad_mom = grad_mom
         self.input_ndim = None                    # rank of the last input: which nn.BatchNorm*d this layer stands for
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
@@ -138,6 +142,7 @@ class _RunningNorm(nn.Module):
                              ('num_samples', (), torch.long), ('num_batches_tracked', (), torch.long), ('num_nonfinite', (), torch.long)]:
             self.register_buffer(k, torch.zeros(shape, device=device, dtype=dt))
         self.running_var.fill_(1)
+        if grad_mom is not None: self.register_buffer('grad_avg', torch.zeros(2, num_features, device=device, dtype=sd))
 
     @property
     def nf(self): return self.num_features
@@ -154,7 +159,8 @@ class _RunningNorm(nn.Module):
         return self._weight(self.running_rule or self.mom1_rule, bs, n)
 
     def reset_running_stats(self):
-        for k in ('running_mean', 'count', 'num_samples', 'num_batches_tracked', 'num_nonfinite'): getattr(self, k).zero_()
+        for k in ('running_mean', 'count', 'num_samples', 'num_batches_tracked', 'num_nonfinite', 'grad_avg'):
+            if k in self._buffers: self._buffers[k].zero_()
         self.running_var.fill_(1)
 
     def reset_parameters(self):
@@ -164,8 +170,9 @@ class _RunningNorm(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         "Like `nn.Module._apply` (`.to`, `.cuda`, `.half`...), but statistics never drop below float32"
         super()._apply(fn, *args, **kwargs)
-        for k in ('running_mean', 'running_var', 'count'):
-            t = self._buffers[k]
+        for k in ('running_mean', 'running_var', 'count', 'grad_avg'):
+            t = self._buffers.get(k)
+            if t is None: continue
             if t.dtype in (torch.float16, torch.bfloat16): self._buffers[k] = t.float()
         return self
 
@@ -189,7 +196,8 @@ class _RunningNorm(nn.Module):
                 f"warmup_samples={self.warmup_samples}, affine={self.affine}, fused={self.fused}"
                 + (f", mom1_rule={self.mom1_rule!r}" if self.mom1_rule != 'sqrt' else '')
                 + (f", running_rule={self.running_rule!r}" if self.running_rule != 'pow' else '')
-                + (f", stats_grad={self.stats_grad}" if self.stats_grad is not None else ''))
+                + (f", stats_grad={self.stats_grad}" if self.stats_grad is not None else '')
+                + (f", grad_mom={self.grad_mom}" if self.grad_mom is not None else ''))
 
 # %% ../nbs/05_simplified.ipynb #0b166cd9
 FAST_STEPS = {}                                  # device type -> step(layer, x) -> y; filled by `rbn.fused`
@@ -217,7 +225,8 @@ class RunningBatchNorm(_RunningNorm):
             return self._normalize(x, self.running_mean, warmup_var(self.running_var, self.num_samples, self.var_floor, self.warmup_samples))
         if not self.update_now(x): return self._skipped_step(x)
         stats = self.batch_stats(x)
-        step = FAST_STEPS.get(x.device.type) if self.fused and stats is None and not torch.compiler.is_compiling() else None
+        fast = self.fused and stats is None and self.grad_mom is None and not torch.compiler.is_compiling()
+        step = FAST_STEPS.get(x.device.type) if fast else None
         return step(self, x) if step is not None else self._readable_step(x, stats)
 
     def _normalize(self, x, mean, var):
@@ -229,9 +238,14 @@ class RunningBatchNorm(_RunningNorm):
         bs, n = (x.shape[0], x.numel() // x.shape[1]) if stats is None else (stats[3], stats[2])
         y, mean, var, count, merged = running_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
             self.count, self.num_samples, self.mom1(bs, n), self.eps, self.var_floor, self.warmup_samples, self.stats_grad, stats,
-            self.keep(bs, n))
+            self.keep(bs, n), *self._grad_smoothing())
         self._store(mean, var, count, merged, bs)
         return y
+
+    def _grad_smoothing(self):
+        "`(grad_avg, weight)` for `SmoothedGradNorm`: the weight `grad_mom`, but `1/t` on the t-th step (no start-up bias); or (None, None)"
+        if self.grad_mom is None: return None, None
+        return self.grad_avg, (1/(self.num_batches_tracked.to(self.grad_avg.dtype) + 1)).clamp_min(self.grad_mom)
 
     def _store(self, mean, var, count, merged, bs):
         "Save the new running state; compiled, rebind the buffers instead of writing into them (see `torch.compile` below)"
@@ -254,3 +268,26 @@ class RunningBatchNorm(_RunningNorm):
         if c is None or c[0] is not mean or c[1] is not var or c[2] != key:
             c = self.__dict__['_frozen'] = (mean, var, key, mean.clone(), warmup_var(var, seen, self.var_floor, self.warmup_samples).clone())
         return c[3], c[4]
+
+# %% ../nbs/05_simplified.ipynb #4d45d08a
+class SmoothedGradNorm(torch.autograd.Function):
+    "`x` normalized with constant `mean`, `var`, then `weight`, `bias`; backward: BatchNorm's with its two per-channel gradient averages replaced by EWMAs in `avg` (updated in place at weight `w`)"
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps, avg, w):
+        d, invstd = x.dim(), torch.rsqrt(var + eps)
+        xhat = (x - channel_view(mean, d))*channel_view(invstd, d)
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.avg, ctx.w, ctx.has_bias = avg, w, bias is not None
+        y = xhat if weight is None else xhat*channel_view(weight, d)
+        return y if bias is None else y + channel_view(bias, d)
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, weight, invstd = ctx.saved_tensors
+        d, dims = g.dim(), stat_dims(g)
+        gx = g if weight is None else g*channel_view(weight, d)
+        with torch.no_grad(): ctx.avg.lerp_(torch.stack([gx.mean(dims), (gx*xhat).mean(dims)]), ctx.w)
+        dx = (gx - channel_view(ctx.avg[0], d) - xhat*channel_view(ctx.avg[1], d))*channel_view(invstd, d)
+        dw = (g*xhat).sum(dims) if weight is not None and ctx.needs_input_grad[1] else None
+        db = g.sum(dims) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
