@@ -190,7 +190,7 @@ def native_op():
 def native_step(layer, x):
     "`RunningBatchNorm`'s training step on the CPU as one native op (buffers updated in place)"
     b, p = layer._buffers, layer._parameters
-    bs, n = x.shape[0], x.numel() // max(x.shape[1], 1)
+    bs, n = x.shape[0], x.numel() // x.shape[1]
     return _NATIVE['op'](x, p['weight'], p['bias'], b['running_mean'], b['running_var'], b['count'], b['num_samples'],
                          b['num_batches_tracked'], b['num_nonfinite'], layer.mom1(bs, n), layer.keep(bs, n), layer.eps,
                          layer.var_floor, layer.warmup_samples, layer.stats_grad)
