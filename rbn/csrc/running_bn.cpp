@@ -266,14 +266,16 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x0, const std::optional<Ten
   const double r = a*n/((1 - a)*cnt + a*n);                     // the batch's share in the statistics normalized with
   const double total = (1 - keep)*cnt + keep*n, rk = keep*n/total;   // ... and in the statistics kept
   const double rg = merged ? (stats_grad ? *stats_grad : r) : 0.;   // the share the backward uses
-  std::vector<double> kmean(mean), kvar(var);
+  // channel c's (mean, var) with this batch merged in at share w
+  auto merge = [&](int64_t c, double w) {
+    const double d = bm[c] - mean[c];
+    return std::make_pair(mean[c] + w*d, (1 - w)*var[c] + w*bv[c] + w*(1 - w)*d*d);
+  };
+  std::vector<double> kmean(C), kvar(C);
   if (merged) {
     for (int64_t c = 0; c < C; ++c) {
-      const double d = bm[c] - mean[c];
-      kmean[c] = mean[c] + rk*d;
-      kvar[c] = (1 - rk)*var[c] + rk*bv[c] + rk*(1 - rk)*d*d;
-      mean[c] += r*d;
-      var[c] = (1 - r)*var[c] + r*bv[c] + r*(1 - r)*d*d;
+      std::tie(kmean[c], kvar[c]) = merge(c, rk);
+      std::tie(mean[c], var[c]) = merge(c, r);
     }
     if (f64) { store_stat<double>(rmean, kmean); store_stat<double>(rvar, kvar); }
     else { store_stat<float>(rmean, kmean); store_stat<float>(rvar, kvar); }
