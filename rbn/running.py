@@ -8,7 +8,7 @@ __all__ = ['MOM1_RULES', 'PER_VALUE_RULES', 'merge_stats', 'rbn_mom1', 'const_mo
            'SmoothedGradNorm']
 
 # %% ../nbs/05_simplified.ipynb #87679f38
-import math, warnings
+import collections, math, warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,22 +25,30 @@ def merge_stats(mean, var, count, batch_mean, batch_var, a, n):
     return new_mean, new_var, total
 
 # %% ../nbs/05_simplified.ipynb #fc3c0fac
+def _at_least(v, lo):
+    "`max(v, lo)` of a number or a tensor (a tensor stays where it is: nothing is read back from a GPU)"
+    return v.clamp_min(lo) if isinstance(v, torch.Tensor) else max(v, lo)
+
+def _at_most(v, hi):
+    "`min(v, hi)` of a number or a tensor"
+    return v.clamp_max(hi) if isinstance(v, torch.Tensor) else min(v, hi)
+
 def rbn_mom1(bs, mom=0.1):
     "The lesson's weight of a batch of `bs` samples: `1-(1-mom)/sqrt(bs-1)`, a batch of 1 counted as 2"
-    return 1 - (1-mom)/math.sqrt(max(bs, 2) - 1)
+    return 1 - (1-mom)/(_at_least(bs, 2) - 1)**0.5
 
 # %% ../nbs/05_simplified.ipynb #5104a4d3
 def const_mom1(bs, mom=0.1):
-    "Weight `mom` for a batch of any size: the statistics average over about `1/mom` batches"
+    "Weight `mom` for a batch of any size: a window of `(2-mom)/mom` batches (19 at `mom=0.1`)"
     return mom
 
 def pow_mom1(bs, mom=0.1, ref_bs=32):
-    "Weight `1-(1-mom)**(bs/ref_bs)`: the statistics average over about `ref_bs/mom` samples, whatever the batch size"
+    "Weight `1-(1-mom)**(bs/ref_bs)`: a window of about `ref_bs*(2-mom)/mom` samples (608) for batches up to `ref_bs`, a few more above"
     return 1 - (1-mom)**(bs/ref_bs)
 
 def pow_cap_mom1(bs, mom=0.1, ref_bs=32):
-    "Weight `1-(1-mom)**min(bs/ref_bs, 1)`: `pow_mom1` up to `ref_bs`, `mom` above: at least `ref_bs/mom` samples and `1/mom` batches"
-    return 1 - (1-mom)**min(bs/ref_bs, 1)
+    "Weight `1-(1-mom)**min(bs/ref_bs, 1)`: `pow_mom1` up to `ref_bs`, `mom` above (at least 608 samples and 19 batches)"
+    return 1 - (1-mom)**_at_most(bs/ref_bs, 1)
 
 def values_mom1(n, mom=0.1, ref_n=32):
     "Weight `1-(1-mom)**(n/ref_n)` for a batch of `n` values per channel: the `pow` rule counting values, not samples"
@@ -77,6 +85,11 @@ def batch_weight(count, a, n):
     "The share `r` of a batch of `n` values per channel in the merged statistics (see `merge_stats`)"
     return a*n/((1-a)*count + a*n)
 
+def first_count(count, n):
+    "`count`, or `n` where `count < 0`: statistics taken over from a BatchNorm (notebook 09) count as much as the first batch"
+    if isinstance(count, torch.Tensor): return torch.where(count < 0, n, count).to(count.dtype)
+    return n if count < 0 else count
+
 def scale_grad(t, c):
     "`t` unchanged, but the gradient flowing back through it multiplied by `c`"
     return t.detach() + c*(t - t.detach())
@@ -86,12 +99,13 @@ def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e
                        stats_grad=None, batch_stats=None, keep=None, grad_avg=None, grad_w=None):
     "One training step on `x` (N,C,*): `(y, new_mean, new_var, new_count, merged)`, mutating nothing"
     batch_mean, batch_var, n, bs = local_batch_stats(x) if batch_stats is None else batch_stats
+    count = first_count(count, n)
     if stats_grad is not None:                   # backward as if this batch's share were stats_grad (see "Options")
         c = stats_grad/batch_weight(count, a, n)
         batch_mean, batch_var = scale_grad(batch_mean, c), scale_grad(batch_var, c)
     used_mean, used_var, new_count = merge_stats(mean, var, count, batch_mean, batch_var, a, n)   # normalized with
     new_mean, new_var = used_mean, used_var                                                     # and kept
-    if keep is not None and keep != a:           # kept at a weight of their own (see "Two weights" below)
+    if keep is not None and (isinstance(keep, torch.Tensor) or keep != a):   # kept at a weight of their own (see "Two weights" below)
         new_mean, new_var, new_count = merge_stats(mean, var, count, batch_mean.detach(), batch_var.detach(), keep, n)
     merged = torch.isfinite(batch_mean.detach()).all() & torch.isfinite(batch_var.detach()).all()
     used_mean, used_var, new_mean, new_var, new_count = (torch.where(merged, new, old) for new, old in
@@ -100,6 +114,19 @@ def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e
     if grad_avg is None: y = scale_shift(x.to(stat_dtype(x)), weight, bias, used_mean, used_var, eps)
     else: y = SmoothedGradNorm.apply(x.to(stat_dtype(x)), weight, bias, used_mean.detach(), used_var.detach(), eps, grad_avg, grad_w)
     return y.to(x.dtype), new_mean.detach(), new_var.detach(), new_count.detach(), merged
+
+# %% ../nbs/05_simplified.ipynb #a38c2a7d
+def step_grads(g, x, weight, before, a, eps=1e-5, var_floor=0.01, warmup_samples=20, stats_grad=None, mask=(True, True, True)):
+    "`(dx, dweight, dbias)` of the readable step from `before = (mean, var, count, num_samples)`, differentiable in `g`, `x`, `weight`"
+    with torch.enable_grad():
+        xs = x if x.requires_grad or not mask[0] else x.detach().requires_grad_()
+        ws = weight if weight is None or weight.requires_grad or not mask[1] else weight.detach().requires_grad_()
+        y = running_batch_norm(xs, ws, None, *before, a, eps, var_floor, warmup_samples, stats_grad)[0]
+        wrt = [t for t, m in ((xs, mask[0]), (ws, mask[1])) if m and t is not None]
+        grads = list(torch.autograd.grad(y, wrt, g, create_graph=True)) if wrt else []
+    dx = grads.pop(0) if mask[0] else None
+    dw = grads.pop(0) if mask[1] and weight is not None else None
+    return dx, dw, (g.sum(stat_dims(g)) if mask[2] else None)
 
 # %% ../nbs/05_simplified.ipynb #23c2f0ac
 def params_like(weight, bias, stats):
@@ -118,10 +145,17 @@ def running_batch_norm_eval(x, weight, bias, mean, var, num_samples, eps=1e-5, v
 class _RunningNorm(nn.Module):
     "Parameters, statistics buffers, reset, dtype moves and state of a layer with running statistics"
     _version = 2                                  # 2: buffer `num_nonfinite` added
-    def __init__(self, num_features, mom=0.1, eps=1e-5, var_floor=0.01, warmup_samples=20, affine=True, fused=True,
-                 mom1_rule='sqrt', running_rule='pow', stats_grad=None, grad_mom=None, device=None, dtype=None):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *,
+                 bias=True, mom=None, var_floor=0.01, warmup_samples=20, fused=None, mom1_rule='sqrt', running_rule='pow',
+                 stats_grad=None, grad_mom=None):
         super().__init__()
         name = type(self).__name__
+        if mom is not None and momentum not in (0.1, mom): raise ValueError(f"{name}: momentum={momentum} and mom={mom} are one option; pass one")
+        mom = momentum if mom is None else mom
+        if mom is None: raise ValueError(f"{name}: momentum=None (nn.BatchNorm's cumulative average) has no counterpart here; pass a weight in (0, 1]")
+        if not track_running_stats:
+            raise ValueError(f"{name}: track_running_stats=False asks for batch statistics in training and eval, the opposite of "
+                             f"what this layer does; use nn.BatchNorm2d(track_running_stats=False) or nn.GroupNorm for that")
         if not 0 < mom <= 1: raise ValueError(f"{name}: mom must be in (0, 1], got {mom}")
         if eps < 0 or var_floor < 0: raise ValueError(f"{name}: eps and var_floor must be >= 0, got {eps}, {var_floor}")
         if mom1_rule not in MOM1_RULES: raise ValueError(f"{name}: mom1_rule must be one of {', '.join(map(repr, MOM1_RULES))}, got {mom1_rule!r}")
@@ -129,13 +163,16 @@ class _RunningNorm(nn.Module):
             raise ValueError(f"{name}: running_rule must be None or one of {', '.join(map(repr, MOM1_RULES))}, got {running_rule!r}")
         if stats_grad is not None and not 0 <= stats_grad <= 1: raise ValueError(f"{name}: stats_grad must be None or in [0, 1], got {stats_grad}")
         if grad_mom is not None and not 0 < grad_mom <= 1: raise ValueError(f"{name}: grad_mom must be None or in (0, 1], got {grad_mom}")
+        if grad_mom is not None and stats_grad is not None:
+            raise ValueError(f"{name}: grad_mom replaces the backward that stats_grad scales; pass one of them")
+        if grad_mom is not None and fused: raise ValueError(f"{name}: grad_mom runs on the readable step only; leave fused unset")
         self.num_features, self.mom, self.eps, self.var_floor, self.warmup_samples = num_features, mom, eps, var_floor, warmup_samples
         self.affine, self.fused, self.mom1_rule, self.running_rule, self.stats_grad = affine, fused, mom1_rule, running_rule, stats_grad
-        self.grad_mom = grad_mom
+        self.grad_mom, self.track_running_stats = grad_mom, True
         self.input_ndim = None                    # rank of the last input: which nn.BatchNorm*d this layer stands for
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype)) if bias else None
         else: self.register_parameter('weight', None); self.register_parameter('bias', None)
         sd = torch.promote_types(dtype or torch.float32, torch.float32)
         for k, shape, dt in [('running_mean', num_features, sd), ('running_var', num_features, sd), ('count', (), sd),
@@ -146,6 +183,14 @@ class _RunningNorm(nn.Module):
 
     @property
     def nf(self): return self.num_features
+
+    @property
+    def momentum(self):
+        "`nn.BatchNorm`'s name for `mom`"
+        return self.mom
+
+    @momentum.setter
+    def momentum(self, v): self.mom = v
 
     def _weight(self, rule, bs, n):
         return MOM1_RULES[rule](n if rule in PER_VALUE_RULES else bs, self.mom)
@@ -165,7 +210,8 @@ class _RunningNorm(nn.Module):
 
     def reset_parameters(self):
         self.reset_running_stats()
-        if self.affine: nn.init.ones_(self.weight); nn.init.zeros_(self.bias)
+        if self.weight is not None: nn.init.ones_(self.weight)
+        if self.bias is not None: nn.init.zeros_(self.bias)
 
     def _apply(self, fn, *args, **kwargs):
         "Like `nn.Module._apply` (`.to`, `.cuda`, `.half`...), but statistics never drop below float32"
@@ -192,12 +238,11 @@ class _RunningNorm(nn.Module):
         return super().train(mode)
 
     def extra_repr(self):
-        return (f"{self.num_features}, mom={self.mom}, eps={self.eps}, var_floor={self.var_floor}, "
-                f"warmup_samples={self.warmup_samples}, affine={self.affine}, fused={self.fused}"
-                + (f", mom1_rule={self.mom1_rule!r}" if self.mom1_rule != 'sqrt' else '')
-                + (f", running_rule={self.running_rule!r}" if self.running_rule != 'pow' else '')
-                + (f", stats_grad={self.stats_grad}" if self.stats_grad is not None else '')
-                + (f", grad_mom={self.grad_mom}" if self.grad_mom is not None else ''))
+        opts = dict(bias=(self.bias is not None or not self.affine, True), var_floor=(self.var_floor, 0.01), warmup_samples=(self.warmup_samples, 20), fused=(self.fused, None),
+                    mom1_rule=(self.mom1_rule, 'sqrt'), running_rule=(self.running_rule, 'pow'),
+                    stats_grad=(self.stats_grad, None), grad_mom=(self.grad_mom, None))
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.mom}, affine={self.affine}"
+                + ''.join(f", {k}={v!r}" for k, (v, default) in opts.items() if v != default))
 
 # %% ../nbs/05_simplified.ipynb #0b166cd9
 FAST_STEPS = {}                                  # device type -> step(layer, x) -> y; filled by `rbn.fused`
@@ -207,8 +252,62 @@ def register_fast_step(device_type, step):
     "Make `step(layer, x) -> y` the training step of `RunningBatchNorm` layers for inputs on `device_type`"
     FAST_STEPS[device_type] = step
 
+def _fingerprint(x):
+    "`x`'s shape and dtype, and the bits of 16 of its values: enough to recognise the same input when it is recomputed"
+    x = x.detach()
+    k = min(16, x.numel())
+    if k == 0: return (x.shape, x.dtype), x.new_empty(0)
+    step = x.numel() // k
+    dense = x.is_contiguous() or (x.dim() in (4, 5) and x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d))
+    sample = x.as_strided((k,), (step,)) if dense else x.reshape(-1)[::step][:k]
+    return (x.shape, x.dtype), sample.clone().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
 class RunningBatchNorm(_RunningNorm):
-    "Batch norm that normalizes with running statistics while training too (fastai lessons 10-11); input (N, C, *)"
+    r"""Batch normalization with running statistics in training too: a drop-in replacement for `nn.BatchNorm1d/2d/3d`.
+
+    Each training step merges the batch's per-channel mean and variance into exponentially weighted running
+    statistics and normalizes with the merge, so a batch of 1 or 2 samples is normalized as well as a large one;
+    evaluation normalizes with the same statistics. Gradients flow through this batch's part of the merge.
+
+    Args:
+        num_features: C of an input (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W).
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: the weight `mom` of a batch, set per batch size by the rules below (the lesson's `mom`). Default: 0.1.
+        affine: learnable per-channel `weight` and `bias`. Default: True.
+        track_running_stats: must be True (the layer *is* its running statistics); False raises a ValueError.
+        device, dtype: of the parameters; statistics are kept in float32 at least.
+
+    Keyword-only:
+        bias: False keeps the learnable `weight` but no `bias`, as in `nn.BatchNorm2d`. Default: True.
+        mom: the same as `momentum`, under the course's name.
+        var_floor, warmup_samples: the variance is floored at `var_floor` until `warmup_samples` samples were seen.
+        fused: None (default) uses the fastest step for the device (CPU: one native op; GPU: PyTorch's batch-norm
+            kernels), False the readable step. Compiled (`torch.compile`/`torch.export`) and with pooled statistics
+            (`SyncRunningBatchNorm` in a process group) the readable step runs; every step computes the same numbers.
+        mom1_rule: a batch's weight in the statistics it is normalized with: 'sqrt' (the lesson's `1-(1-mom)/sqrt(bs-1)`),
+            'const', 'pow', 'pow_cap' or 'values'.
+        running_rule: its weight in the statistics kept for the next step and for eval: 'pow' (about 600 samples), any
+            rule above, or None for the lesson's single set of statistics.
+        stats_grad: None (the exact gradient) or the share in [0, 1] of the batch statistics in the backward.
+        grad_mom: smooth the backward's two per-channel averages with this weight (MABN-style); readable step only,
+            not with `stats_grad`.
+
+    Shape:
+        Input (N, C, *), output the same shape and dtype. An empty batch passes through.
+
+    Buffers (all in `state_dict`): `running_mean`, `running_var` (biased), `count` (values per channel the statistics
+    stand for; negative: taken over from a BatchNorm, set by the first batch), `num_samples`, `num_batches_tracked`,
+    `num_nonfinite` (training batches holding inf/NaN, which are not merged).
+
+    Second derivatives, `torch.utils.checkpoint` (reentrant or not), `torch.compile`, `torch.export`, `deepcopy` and
+    pickling give the readable step's numbers on every path.
+
+    Examples::
+
+        >>> layer = RunningBatchNorm(16)
+        >>> y = layer(torch.randn(2, 16, 8, 8))
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), RunningBatchNorm(16, momentum=0.05), nn.ReLU())
+    """
     def batch_stats(self, x):
         "This batch's `(mean, var, n, bs)`, or None: the step computes local statistics itself. `SyncRunningBatchNorm` pools them"
         return None
@@ -221,13 +320,24 @@ class RunningBatchNorm(_RunningNorm):
         check_input(x, self.num_features, type(self).__name__)
         if not x.is_floating_point(): raise TypeError(f"{type(self).__name__}: expected a floating-point input, got {x.dtype}")
         self.input_ndim = x.dim()
-        if not self.training or x.numel() == 0:         # an empty batch has no statistics to merge
-            return self._normalize(x, self.running_mean, warmup_var(self.running_var, self.num_samples, self.var_floor, self.warmup_samples))
-        if not self.update_now(x): return self._skipped_step(x)
+        if not self.training: return self._normalize(x, self.running_mean, self._eval_var())
+        if torch.compiler.is_compiling(): return self._step(x)
+        if torch._C._current_graph_task_id() != -1 and (before := self._state_before(x)) is not None:
+            return self._replay(x, before)       # activation checkpointing recomputes this step in the backward
+        if not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
+            self._remember_state(x)               # a forward that may be recomputed later
+        return self._step(x)
+
+    def _step(self, x):
+        "Skip, or merge this batch (pooled, where `batch_stats` pools) and normalize, on the fastest path there is"
+        if x.numel() and not self.update_now(x): return self._skipped_step(x)
         stats = self.batch_stats(x)
-        fast = self.fused and stats is None and self.grad_mom is None and not torch.compiler.is_compiling()
+        if stats is None and x.numel() == 0: return self._normalize(x, self.running_mean, self._eval_var())  # nothing to merge
+        fast = stats is None and self.fused is not False and self.grad_mom is None and not torch.compiler.is_compiling()
         step = FAST_STEPS.get(x.device.type) if fast else None
         return step(self, x) if step is not None else self._readable_step(x, stats)
+
+    def _eval_var(self): return warmup_var(self.running_var, self.num_samples, self.var_floor, self.warmup_samples)
 
     def _normalize(self, x, mean, var):
         "`x` normalized with fixed statistics `mean`, `var` and the current parameters (one native op)"
@@ -238,7 +348,7 @@ class RunningBatchNorm(_RunningNorm):
         bs, n = (x.shape[0], x.numel() // x.shape[1]) if stats is None else (stats[3], stats[2])
         y, mean, var, count, merged = running_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
             self.count, self.num_samples, self.mom1(bs, n), self.eps, self.var_floor, self.warmup_samples, self.stats_grad, stats,
-            self.keep(bs, n), *self._grad_smoothing())
+            None if self.running_rule is None else self.keep(bs, n), *self._grad_smoothing())
         self._store(mean, var, count, merged, bs)
         return y
 
@@ -249,7 +359,7 @@ class RunningBatchNorm(_RunningNorm):
 
     def _store(self, mean, var, count, merged, bs):
         "Save the new running state; compiled, rebind the buffers instead of writing into them (see `torch.compile` below)"
-        new = dict(running_mean=mean, running_var=var, count=count, num_samples=self.num_samples + bs*merged,
+        new = dict(running_mean=mean, running_var=var, count=count, num_samples=self.num_samples + (bs*merged).long(),
                    num_batches_tracked=self.num_batches_tracked + 1, num_nonfinite=self.num_nonfinite + (~merged).long())
         if torch.compiler.is_compiling(): self._buffers.update(new)
         else:
@@ -266,8 +376,27 @@ class RunningBatchNorm(_RunningNorm):
         key = (mean._version, var._version, seen._version)
         c = self.__dict__.get('_frozen')
         if c is None or c[0] is not mean or c[1] is not var or c[2] != key:
-            c = self.__dict__['_frozen'] = (mean, var, key, mean.clone(), warmup_var(var, seen, self.var_floor, self.warmup_samples).clone())
+            c = self.__dict__['_frozen'] = (mean, var, key, mean.clone(), self._eval_var().clone())
         return c[3], c[4]
+
+    def _remember_state(self, x):
+        "Keep copies of the buffers as they are before this step, under `x`'s fingerprint (the last 32 such steps)"
+        saved = self.__dict__.setdefault('_before', collections.deque(maxlen=32))
+        saved.append((_fingerprint(x), {k: v.clone() for k, v in self._buffers.items() if v is not None and k != 'grad_avg'}))
+
+    def _state_before(self, x):
+        "The buffers as they were before the remembered step on this very input, or None"
+        saved = self.__dict__.get('_before')
+        if not saved: return None
+        (meta, bits) = _fingerprint(x)
+        return next((state for (m, b), state in reversed(saved) if m == meta and torch.equal(b, bits)), None)
+
+    def _replay(self, x, before):
+        "This step once more, exactly as it ran, on throwaway copies of the buffers as they were: nothing is merged twice"
+        live = dict(self._buffers)
+        self._buffers.update({k: v.clone() for k, v in before.items()})
+        try: return self._step(x)
+        finally: self._buffers.update(live)
 
 # %% ../nbs/05_simplified.ipynb #4d45d08a
 class SmoothedGradNorm(torch.autograd.Function):

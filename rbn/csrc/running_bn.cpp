@@ -3,11 +3,13 @@
 //   rbn::running_bn_train(x, weight, bias, running_mean, running_var, count, num_samples, num_batches_tracked,
 //                         num_nonfinite, a, keep, eps, var_floor, warmup_samples, stats_grad) -> y
 //
-// Forward: per-channel batch moments in one pass, merged into the running statistics at weight a (to normalize with)
-// and at weight keep (the buffers, updated in place; a batch holding inf/NaN is not merged), the warm-up floor, then
-// y = x*scale + shift in a second pass.
+// Forward: per-channel batch moments in one pass around the running mean (two where the batch is far from it), merged
+// into the running statistics at weight a (to normalize with) and at weight keep (the buffers, updated in place; a batch
+// holding inf/NaN is not merged; a negative count means "taken over from a BatchNorm": this batch sets it), the warm-up
+// floor, then y = x*scale + shift in one more pass.
 // Backward: BatchNorm's with 1/N replaced by k = r/N (r = the batch's share of the merged statistics, or stats_grad),
-// and no variance term in channels whose variance the floor replaced by a constant.
+// and no variance term in channels whose variance the floor replaced by a constant. With create_graph, the backward
+// calls rbn::running_bn_replay_backward, which rbn.fused implements from the readable step: second derivatives.
 #include <torch/library.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -40,25 +42,37 @@ template <typename T> struct Io {
   }
 };
 
-template <typename V> inline double hsum(const V& v) {
+// ---- "planes": x contiguous as (N, C, L); channel c is N planes of L values ----
+// Sums are accumulated in A over blocks of BLOCK vectors, then added into double: the error of a float32 sum grows with
+// its length, so no float32 partial sum ever holds more than BLOCK terms per lane.
+constexpr int64_t BLOCK = 16;
+
+template <typename V> inline void flush(V& acc, double* lanes) {  // lanes += acc; acc = 0
   typename V::value_type buf[V::size()];
-  v.store(buf);
+  acc.store(buf);
+  for (int j = 0; j < V::size(); ++j) lanes[j] += buf[j];
+  acc = V(0);
+}
+
+template <typename V> inline double lane_sum(const double* lanes) {
   double s = 0;
-  for (int i = 0; i < V::size(); ++i) s += buf[i];
+  for (int j = 0; j < V::size(); ++j) s += lanes[j];
   return s;
 }
 
-// ---- "planes": x contiguous as (N, C, L); channel c is N planes of L values ----
 template <typename T>  // sum(x - k), sum((x - k)^2) over one plane
 inline void plane_moments(const T* p, int64_t L, typename Io<T>::A k, double& s1, double& s2) {
   using IO = Io<T>; using V = typename IO::V; using A = typename IO::A;
   V vk(k), a1(0), a2(0);
-  int64_t i = 0;
+  double l1[V::size()] = {}, l2[V::size()] = {};
+  int64_t i = 0, b = 0;
   for (; i + IO::K <= L; i += IO::K) {
     V v[IO::NV]; IO::load(p + i, v);
     for (int j = 0; j < IO::NV; ++j) { V d = v[j] - vk; a1 = a1 + d; a2 = vec::fmadd(d, d, a2); }
+    if (++b == BLOCK) { flush(a1, l1); flush(a2, l2); b = 0; }
   }
-  double t1 = hsum(a1), t2 = hsum(a2);
+  flush(a1, l1); flush(a2, l2);
+  double t1 = lane_sum<V>(l1), t2 = lane_sum<V>(l2);
   for (; i < L; ++i) { double d = double(A(p[i])) - double(k); t1 += d; t2 += d*d; }
   s1 += t1; s2 += t2;
 }
@@ -80,12 +94,15 @@ template <typename T>  // sum(g), sum(g*(x - m)) over one plane
 inline void plane_grad_sums(const T* g, const T* x, int64_t L, typename Io<T>::A m, double& sg, double& sgx) {
   using IO = Io<T>; using V = typename IO::V; using A = typename IO::A;
   V vm(m), a1(0), a2(0);
-  int64_t i = 0;
+  double l1[V::size()] = {}, l2[V::size()] = {};
+  int64_t i = 0, b = 0;
   for (; i + IO::K <= L; i += IO::K) {
     V vg[IO::NV], vx[IO::NV]; IO::load(g + i, vg); IO::load(x + i, vx);
     for (int j = 0; j < IO::NV; ++j) { a1 = a1 + vg[j]; a2 = vec::fmadd(vg[j], vx[j] - vm, a2); }
+    if (++b == BLOCK) { flush(a1, l1); flush(a2, l2); b = 0; }
   }
-  double t1 = hsum(a1), t2 = hsum(a2);
+  flush(a1, l1); flush(a2, l2);
+  double t1 = lane_sum<V>(l1), t2 = lane_sum<V>(l2);
   for (; i < L; ++i) { double gi = double(A(g[i])); t1 += gi; t2 += gi*(double(A(x[i])) - double(m)); }
   sg += t1; sgx += t2;
 }
@@ -113,7 +130,7 @@ void rows_sums(int64_t M, int64_t C, std::vector<double>& S1, std::vector<double
   at::parallel_for(0, M, std::max<int64_t>(1, 16384/std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
     std::vector<A> a1(C), a2(C);
-    constexpr int64_t BLK = 64;
+    constexpr int64_t BLK = BLOCK;
     for (int64_t r0 = b; r0 < e; r0 += BLK) {
       std::fill(a1.begin(), a1.end(), A(0)); std::fill(a2.begin(), a2.end(), A(0));
       for (int64_t r = r0; r < std::min(e, r0 + BLK); ++r) chunk(r, a1.data(), a2.data());
@@ -234,35 +251,59 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x0, const std::optional<Ten
   const double n = double(s.M);
   const T* xp = x.const_data_ptr<T>();
 
-  // 1. batch moments, shifted by the channel's first value (no cancellation when the mean is far from 0)
-  std::vector<double> S1(C, 0.), S2(C, 0.);
-  std::vector<A> shift(C);
-  if (s.rows) {
-    for (int64_t c = 0; c < C; ++c) shift[c] = A(xp[c]);
-    rows_sums<T>(s.M, C, S1, S2, [&](int64_t r, A* a1, A* a2) { row_moments<T>(xp + r*C, C, shift.data(), a1, a2); });
-  } else {
-    for (int64_t c = 0; c < C; ++c) shift[c] = A(xp[c*s.L]);
-    at::parallel_for(0, C, plane_grain(s), [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c)
-        for (int64_t i = 0; i < s.N; ++i) plane_moments<T>(xp + (i*C + c)*s.L, s.L, shift[c], S1[c], S2[c]);
-    });
-  }
-
-  // 2. merge into the running statistics (in double), unless a value is inf/NaN
+  // 1. batch moments around a shift: the running mean, or, where the batch mean turns out farther than a standard
+  //    deviation from it, a second pass around the batch mean. Then var = S2/n - (S1/n)^2 loses at most one bit.
   const bool f64 = rmean.scalar_type() == at::kDouble;
-  std::vector<double> mean(C), var(C), bm(C), bv(C);
+  std::vector<double> mean(C), var(C), bm(C), bv(C), S1(C, 0.), S2(C, 0.);
   for (int64_t c = 0; c < C; ++c) {
     mean[c] = f64 ? rmean.data_ptr<double>()[c] : double(rmean.data_ptr<float>()[c]);
     var[c] = f64 ? rvar.data_ptr<double>()[c] : double(rvar.data_ptr<float>()[c]);
   }
-  bool merged = true;
-  for (int64_t c = 0; c < C; ++c) {
+  std::vector<A> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = A(mean[c]);
+  auto moments = [&](int64_t c) {             // batch mean and variance of channel c from S1, S2 around shift[c]
     const double m1 = S1[c]/n;
     bm[c] = double(shift[c]) + m1;
     bv[c] = std::max(S2[c]/n - m1*m1, 0.);
-    if (!std::isfinite(bm[c]) || !std::isfinite(S2[c])) merged = false;
+    return m1*m1 <= bv[c] || !std::isfinite(bm[c]);   // close enough (or hopeless: inf/NaN in the batch)
+  };
+  if (s.rows) {
+    auto pass = [&] {
+      std::fill(S1.begin(), S1.end(), 0.); std::fill(S2.begin(), S2.end(), 0.);
+      rows_sums<T>(s.M, C, S1, S2, [&](int64_t r, A* a1, A* a2) { row_moments<T>(xp + r*C, C, shift.data(), a1, a2); });
+    };
+    pass();
+    bool again = false;
+    for (int64_t c = 0; c < C; ++c) if (!moments(c)) { again = true; }
+    if (again) {
+      for (int64_t c = 0; c < C; ++c) shift[c] = A(bm[c]);
+      pass();
+      for (int64_t c = 0; c < C; ++c) moments(c);
+    }
+  } else {
+    at::parallel_for(0, C, plane_grain(s), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        for (int64_t i = 0; i < s.N; ++i) plane_moments<T>(xp + (i*C + c)*s.L, s.L, shift[c], S1[c], S2[c]);
+        if (moments(c)) continue;
+        shift[c] = A(bm[c]); S1[c] = S2[c] = 0.;
+        for (int64_t i = 0; i < s.N; ++i) plane_moments<T>(xp + (i*C + c)*s.L, s.L, shift[c], S1[c], S2[c]);
+        moments(c);
+      }
+    });
   }
-  const double cnt = read_double(count);
+
+  // 2. merge into the running statistics (in double), unless a value is inf/NaN. What a replay of this step needs
+  //    (second derivatives) is saved beside: the statistics and counters before the step, and the step's options.
+  bool merged = true;
+  for (int64_t c = 0; c < C; ++c)
+    if (!std::isfinite(bm[c]) || !std::isfinite(S2[c])) merged = false;
+  const double cnt0 = read_double(count), cnt = cnt0 < 0 ? n : cnt0;   // < 0: taken over from a BatchNorm
+  const int64_t seen0 = *num_samples.data_ptr<int64_t>();
+  Tensor saved = at::empty({6*C + 7}, x.options().dtype(at::kDouble));
+  double* sv = saved.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) { sv[4*C + c] = mean[c]; sv[5*C + c] = var[c]; }
+  const double tail[7] = {a, cnt, double(seen0), stats_grad ? *stats_grad : NAN, var_floor, eps, double(warmup_samples)};
+  std::copy(tail, tail + 7, sv + 6*C);
   const double r = a*n/((1 - a)*cnt + a*n);                     // the batch's share in the statistics normalized with
   const double total = (1 - keep)*cnt + keep*n, rk = keep*n/total;   // ... and in the statistics kept
   const double rg = merged ? (stats_grad ? *stats_grad : r) : 0.;   // the share the backward uses
@@ -288,8 +329,6 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x0, const std::optional<Ten
   const bool warm = *num_samples.data_ptr<int64_t>() < warmup_samples;
 
   // 3. per-channel scale and shift; what the backward needs: mean, invstd, k for the mean term, k for the var term
-  Tensor saved = at::empty({4, C}, x.options().dtype(at::kDouble));
-  double* sv = saved.data_ptr<double>();
   std::vector<A> sc(C), sh(C);
   const std::vector<double> w = read_vec(weight), b = read_vec(bias);
   const double* wp = w.empty() ? nullptr : w.data();
@@ -353,7 +392,7 @@ std::tuple<Tensor, Tensor> running_bn_forward_cpu(const Tensor& x, const std::op
 std::tuple<Tensor, Tensor> running_bn_forward_meta(const Tensor& x, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, Tensor& rmean, Tensor& rvar, Tensor& count, Tensor& num_samples, Tensor& nbt,
     Tensor& nonfinite, double a, double keep, double eps, double var_floor, int64_t warmup_samples, std::optional<double> stats_grad) {
-  return {at::empty_like(dense(x)), at::empty({4, x.size(1)}, x.options().dtype(at::kDouble))};
+  return {at::empty_like(dense(x)), at::empty({6*x.size(1) + 7}, x.options().dtype(at::kDouble))};
 }
 
 // ---- backward ----
@@ -468,9 +507,11 @@ struct RunningBNTrain : public torch::autograd::Function<RunningBNTrain> {
     std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(1), has_b && ctx->needs_input_grad(2)};
     const auto w = has_w ? std::optional<Tensor>(weight) : std::nullopt;
     Tensor dx, dw, db;
-    if (at::GradMode::is_enabled()) {      // create_graph: the backward op's autograd kernel says it has no backward
-      std::tie(dx, dw, db) = op.call(grads[0], x, w, saved, mask);
-    } else {                               // the usual case: straight to the kernel
+    if (at::GradMode::is_enabled()) {      // create_graph: gradients that can be differentiated again, from a replay of the step
+      static auto replay = c10::Dispatcher::singleton().findSchemaOrThrow("rbn::running_bn_replay_backward", "")
+                               .typed<decltype(running_bn_backward_cpu)>();
+      std::tie(dx, dw, db) = replay.call(grads[0], x, w, saved, mask);
+    } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(dx, dw, db) = op.call(grads[0], x, w, saved, mask);
     }
@@ -507,6 +548,8 @@ TORCH_LIBRARY(rbn, m) {
   m.def("running_bn_train(" RBN_ARGS ") -> Tensor");
   m.def("running_bn_forward(" RBN_ARGS ") -> (Tensor, Tensor)");
   m.def("running_bn_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor saved, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // the backward as differentiable ops (second derivatives): implemented in Python by rbn.fused, from the readable step
+  m.def("running_bn_replay_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor saved, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rbn, CPU, m) {
@@ -523,5 +566,5 @@ TORCH_LIBRARY_IMPL(rbn, CompositeExplicitAutograd, m) { m.impl("running_bn_train
 
 TORCH_LIBRARY_IMPL(rbn, Autograd, m) {
   m.impl("running_bn_train", &running_bn_train_autograd);
-  m.impl("running_bn_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("running_bn_backward", torch::autograd::autogradNotImplementedFallback());   // its derivative: the replay above
 }
