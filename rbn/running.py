@@ -8,7 +8,7 @@ __all__ = ['MOM1_RULES', 'PER_VALUE_RULES', 'merge_stats', 'rbn_mom1', 'const_mo
            'SmoothedGradNorm']
 
 # %% ../nbs/05_simplified.ipynb #87679f38
-import collections, math, warnings
+import collections, warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
