@@ -38,13 +38,14 @@ def _count(s):
 
 # %% ../nbs/11_cli.ipynb #c4402678
 def make_parser():
+    from rbn.experiments import NORMS
     p = argparse.ArgumentParser(prog='rbn', description='RunningBatchNorm course tools: compare norms by training, benchmark speed.')
     sub = p.add_subparsers(dest='command', required=True, metavar='{compare,bench}')
     c = sub.add_parser('compare', help='train the course CNN on Fashion-MNIST with several norms and compare',
                        description='Train the course CNN on Fashion-MNIST with each norm, batch size and seed; print a '
                                    'table of validation accuracy and training time, and save a plot.')
     c.add_argument('--norms', type=_norm_list, default=['bn', 'rbn', 'gn'],
-                   help='comma-separated norms from bn, rbn, srbn, lesson11, gn, ln, none; options as in rbn:mom=0.03:stats_grad=1 (default: bn,rbn,gn)')
+                   help=f"comma-separated norms from {', '.join(NORMS)}; options as in rbn:mom=0.03:stats_grad=1 (default: bn,rbn,gn)")
     c.add_argument('--bs', type=_int_list, default=[2, 32], help='comma-separated batch sizes (default: 2,32)')
     c.add_argument('--max-steps', type=_count, default=4000,
                    help='at most this many steps per epoch: batch size b trains on the first max_steps*b images (default: 4000, '

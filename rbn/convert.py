@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from .running import RunningBatchNorm, local_batch_stats, warmup_var
+from .batchnorm import stat_dims
+from .running import RunningBatchNorm, local_batch_stats, stat_dtype, warmup_var
 
 # %% ../nbs/09_convert.ipynb #d809708a
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -31,17 +32,6 @@ def has_running_stats(bn) -> bool:
 def _dist_active(group=None) -> bool:
     "True inside an initialised `torch.distributed` process group of more than one process"
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-def _count_from_first_batch(module, args):
-    "Forward pre-hook of converted layers: on the first training batch, set `count` to its values per channel; then remove itself"
-    x = args[0] if args else None
-    if not module.training or not isinstance(x, torch.Tensor) or x.dim() < 2: return
-    n = torch.tensor(x.numel() // x.shape[1], dtype=module.count.dtype, device=module.count.device)
-    group = getattr(module, 'process_group', None)
-    if hasattr(module, 'process_group') and _dist_active(group): dist.all_reduce(n, group=group)  # the global batch
-    module.count.copy_(n)
-    module._rbn_count_hook.remove()
-    del module._rbn_count_hook
 
 # %% ../nbs/09_convert.ipynb #06123f64
 def _norm_act_types():
@@ -80,7 +70,7 @@ def rbn_from_bn(bn, cls=None, **kwargs):
             new.running_mean.copy_(bn.running_mean); new.running_var.copy_(bn.running_var)
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
             new.num_samples.fill_(new.warmup_samples)
-            new._rbn_count_hook = new.register_forward_pre_hook(_count_from_first_batch)
+            new.count.fill_(-1)                  # carried-over statistics: the first training batch sets the count
     return new.train(bn.training)
 
 # %% ../nbs/09_convert.ipynb #318f1b0c
@@ -168,18 +158,23 @@ def convert_to_bn(model):
 
 # %% ../nbs/09_convert.ipynb #b994c375
 def _local_stats(x):
-    "This batch part's `[n, samples, mean (C), M2 (C)]`: values per channel, batch size, per-channel mean and M2"
-    mean, var, n, bs = local_batch_stats(x)
-    return torch.cat([mean.new_tensor([n, bs]), mean, var*n])
+    "This batch part's float64 row `[n, samples, mean (C), M2 (C)]`; an empty part gives zeros, still joined to `x`'s graph"
+    if x.numel() == 0:
+        zeros = x.to(stat_dtype(x)).sum(stat_dims(x))     # n = 0: mean 0, M2 0, and autograd still reaches x
+        mean, m2, n, bs = zeros, zeros, 0, 0
+    else:
+        mean, var, n, bs = local_batch_stats(x)
+        m2 = var*n
+    return torch.cat([torch.tensor([n, bs], dtype=torch.float64, device=x.device), mean.double(), m2.double()])
 
 def _pool_stats(stats):
     "Merge the rows of `stats` (parts, 2+2C) from `_local_stats` into the whole batch's `(mean, biased var, n, samples)`"
     nf = (stats.shape[1] - 2) // 2
-    n, means, m2 = stats[:, :1], stats[:, 2:2+nf], stats[:, 2+nf:]
+    n, means, m2 = stats[:, :1].detach(), stats[:, 2:2+nf], stats[:, 2+nf:]   # counts are data: no gradient
     total = n.sum()
-    mean = (n*means).sum(0) / total
+    mean = (n*means).sum(0) / total.clamp_min(1)           # no values at all: zeros rather than NaN
     M2 = m2.sum(0) + (n*(means - mean)**2).sum(0)
-    return mean, M2/total, total, stats[:, 1].sum()
+    return mean, M2/total.clamp_min(1), total, stats[:, 1].detach().sum()
 
 # %% ../nbs/09_convert.ipynb #7e6a83ae
 class _AllGather(torch.autograd.Function):
@@ -205,10 +200,11 @@ class SyncRunningBatchNorm(RunningBatchNorm):
         self.process_group = process_group
 
     def batch_stats(self, x):
-        "The global batch's differentiable `(mean, var, n, bs)` inside a process group of several processes, else None"
+        "The global batch's differentiable `(mean, var, n, bs)`, `n` and `bs` 0-dim float64 tensors, in a group of several processes; else None"
         if not _dist_active(self.process_group): return None
         mean, var, n, bs = _pool_stats(_AllGather.apply(_local_stats(x), self.process_group))
-        return mean, var, int(n), int(bs)
+        if x.numel() == 0 and n.item() == 0: return None     # every process's batch is empty
+        return mean.to(stat_dtype(x)), var.to(stat_dtype(x)), n, bs
 
 class SyncRunningBatchNormAct2d(SyncRunningBatchNorm, RunningBatchNormAct2d):
     "`RunningBatchNormAct2d` whose statistics are pooled like `SyncRunningBatchNorm`'s"
@@ -240,7 +236,7 @@ def _run_distributed(fn, *args, world_size=2, timeout=120):
 
 # %% ../nbs/09_convert.ipynb #4747c23e
 def _sync_run(rank, world_size, splits, opts, nf, spatial, steps, seed):
-    "Train one converted layer with options `opts` for `steps` steps on this process's share of seeded global batches"
+    "Train one converted layer with options `opts` on this process's share of seeded global batches; `splits` per step, or one for all `steps`"
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     bn = nn.BatchNorm2d(nf, affine=opts.pop('affine', True)).double()
@@ -249,10 +245,10 @@ def _sync_run(rank, world_size, splits, opts, nf, spatial, steps, seed):
         if bn.affine: bn.weight.copy_(w); bn.bias.copy_(b)
         for _ in range(3): bn(rnd(8, nf, *spatial)*2 + 1)
     layer = convert_to_rbn(bn, sync=world_size > 1, **opts)
-    lo, hi = sum(splits[:rank]), sum(splits[:rank+1])
     res = dict(kind=type(layer).__name__, y=[], xgrad=[], pgrad=[], count=[])
-    for _ in range(steps):
-        xg, G = rnd(sum(splits), nf, *spatial)*3 + 2, rnd(sum(splits), nf, *spatial)
+    for split in (splits if isinstance(splits[0], (tuple, list)) else [splits]*steps):
+        xg, G = rnd(sum(split), nf, *spatial)*3 + 2, rnd(sum(split), nf, *spatial)
+        lo, hi = sum(split[:rank]), sum(split[:rank+1])
         x = xg[lo:hi].clone().requires_grad_()
         y = layer(x)
         (y*G[lo:hi]).sum().backward()
@@ -261,6 +257,7 @@ def _sync_run(rank, world_size, splits, opts, nf, spatial, steps, seed):
             for t in pg: dist.all_reduce(t)
         for k, v in zip(('y', 'xgrad', 'pgrad', 'count'), (y.detach(), x.grad, pg, layer.count.clone())): res[k].append(v)
         layer.zero_grad(set_to_none=True)
+    res['n_bs'] = layer.batch_stats(x.detach())[2:] if world_size > 1 else None   # the last step's global n and bs
     res['state'] = {k: v.clone() for k, v in layer.state_dict().items()}
     with torch.no_grad(): res['eval'] = layer.eval()(rnd(4, nf, *spatial))
     return res
