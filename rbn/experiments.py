@@ -359,7 +359,10 @@ def evaluate(model, x, y, bs=1000):
 
 # %% ../nbs/08_small_batch.ipynb #adc4aeb1
 _PKG = Path(rbn.__file__).parent
-_COMMON = (('data.py', None), ('learner.py', None),
+_TRAIN_LOOP = ('conv_block', 'init_cnn', 'get_cnn', 'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner', 'accuracy',
+               'MetricsCB', 'sched_lin', 'sched_cos', 'sched_const', 'combine_scheds', 'LRSchedCB', 'Recorder', 'ProgressCB', 'per_block',
+               'NaNGuardCB', 'CPUTimeCB', 'default_device', '_fresh_loaders', 'lr_for', 'train_cnn')
+_COMMON = (('data.py', None), ('learner.py', _TRAIN_LOOP),
            ('experiments.py', ('SPLIT_SEED', 'N_VALID', 'split_indices', 'split_data', 'PRECISE_N', 'STATS_LAYERS', '_Stop',
                                'has_stats', 'precise_stats', 'evaluate', 'RunLengthCB', '_train_row', 'parse_norm', 'get_norm')))
 _RBN = (('batchnorm.py', None), ('running.py', None), ('fused.py', None), ('csrc', None))
