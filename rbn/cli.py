@@ -60,14 +60,25 @@ def make_parser():
     c.add_argument('--fresh', action='store_true', help='delete OUT/results.jsonl first and re-run everything')
     c.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     c.add_argument('--threads', type=_positive_int, default=1, help='torch CPU threads (default: 1: the course CNN\'s small '
-                   'tensors gain little from more, and on a busy machine more threads can be many times slower)')
+                   'tensors gain little from more, and on a busy machine more threads can be slower)')
     c.add_argument('--no-warmup', action='store_true', help='skip the untimed warm-up (a few steps of every norm at every batch size) '
                    'that keeps one-time start-up costs out of the measured times')
     c.add_argument('--no-progress', action='store_true', help='no progress bars (they are only shown when the output is a terminal)')
     b = sub.add_parser('bench', help='time RunningBatchNorm against nn.BatchNorm2d',
-                       description='Forward+backward time of RunningBatchNorm against nn.BatchNorm2d at course and ResNet-like shapes.')
-    b.add_argument('--device', default=None, help='cpu or cuda (default: both when a GPU is present, else cpu)')
-    b.add_argument('--quick', action='store_true', help='fewer repeats and only the small shapes')
+                       description='Forward, backward and forward+backward time of RunningBatchNorm against nn.BatchNorm2d at '
+                                   'course and ResNet-like shapes, and the training time of the course CNN with each.')
+    b.add_argument('--device', choices=['cpu', 'cuda'], default=None, help='cpu or cuda (default: both when a GPU is present, else cpu)')
+    b.add_argument('--quick', action='store_true', help='3 rounds, the two smallest shapes and short training runs')
+    b.add_argument('--threads', type=_int_list, default=None,
+                   help='comma-separated torch thread counts to time at, e.g. 1,2 (default: 1 and all cores on the CPU; '
+                        'the current thread count on a GPU)')
+    b.add_argument('--rounds', type=_positive_int, default=None, metavar='N',
+                   help='interleaved rounds per layer timing; the tables show the median (default: 7, 3 with --quick)')
+    b.add_argument('--no-epochs', action='store_true', help='time the layers only, no training runs of the course CNN')
+    b.add_argument('--profile', action='store_true', help='also print the PyTorch profiler\'s table of a training step of BatchNorm2d, '
+                   'RunningBatchNorm and the skipping layer\'s skipped step (CPU, 64x64x28x28, 1 thread)')
+    b.add_argument('--data', metavar='DIR', default=None,
+                   help='folder with the Fashion-MNIST IDX files for the training runs (default: $RBN_DATA, the Debian package, download)')
     b.add_argument('--out', metavar='DIR', type=Path, default=None, help='also save the tables and the plot there (bench.txt, bench.json, bench.png)')
     return p
 
@@ -130,7 +141,8 @@ def run_compare(args):
 def run_bench(args):
     try: from rbn.bench import main as bench_main
     except ImportError: sys.exit("rbn bench: the benchmark module is not available in this version")
-    return bench_main(device=args.device, quick=args.quick, out=args.out)
+    return bench_main(device=args.device, quick=args.quick, data_path=args.data, out=args.out, threads=args.threads,
+                      epochs=not args.no_epochs, rounds=args.rounds, profile=args.profile)
 
 def main(argv=None):
     "Entry point of the `rbn` console script: runs the subcommand, exits 0, or 1 with a one-line message"

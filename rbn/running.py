@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['MOM1_RULES', 'PER_VALUE_RULES', 'merge_stats', 'rbn_mom1', 'const_mom1', 'pow_mom1', 'pow_cap_mom1', 'values_mom1',
-           'warmup_var', 'running_batch_norm', 'running_batch_norm_eval', 'register_fast_step', 'RunningBatchNorm',
-           'SmoothedGradNorm']
+           'warmup_var', 'SmoothedGradNorm', 'running_batch_norm', 'running_batch_norm_eval', 'register_fast_step',
+           'RunningBatchNorm']
 
 # %% ../nbs/05_simplified.ipynb #87679f38
 import collections, warnings
@@ -94,6 +94,29 @@ def scale_grad(t, c):
     "`t` unchanged, but the gradient flowing back through it multiplied by `c`"
     return t.detach() + c*(t - t.detach())
 
+# %% ../nbs/05_simplified.ipynb #4d45d08a
+class SmoothedGradNorm(torch.autograd.Function):
+    "`x` normalized with constant `mean`, `var`, then `weight`, `bias`; backward: BatchNorm's with its two per-channel gradient averages replaced by EWMAs in `avg` (updated in place at weight `w`)"
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps, avg, w):
+        d, invstd = x.dim(), torch.rsqrt(var + eps)
+        xhat = (x - channel_view(mean, d))*channel_view(invstd, d)
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.avg, ctx.w, ctx.has_bias = avg, w, bias is not None
+        y = xhat if weight is None else xhat*channel_view(weight, d)
+        return y if bias is None else y + channel_view(bias, d)
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, weight, invstd = ctx.saved_tensors
+        d, dims = g.dim(), stat_dims(g)
+        gx = g if weight is None else g*channel_view(weight, d)
+        with torch.no_grad(): ctx.avg.lerp_(torch.stack([gx.mean(dims), (gx*xhat).mean(dims)]), ctx.w)
+        dx = (gx - channel_view(ctx.avg[0], d) - xhat*channel_view(ctx.avg[1], d))*channel_view(invstd, d)
+        dw = (g*xhat).sum(dims) if weight is not None and ctx.needs_input_grad[1] else None
+        db = g.sum(dims) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
+
 # %% ../nbs/05_simplified.ipynb #48adfee1
 def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e-5, var_floor=0.01, warmup_samples=20,
                        stats_grad=None, batch_stats=None, keep=None, grad_avg=None, grad_w=None):
@@ -105,7 +128,7 @@ def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e
         batch_mean, batch_var = scale_grad(batch_mean, c), scale_grad(batch_var, c)
     used_mean, used_var, new_count = merge_stats(mean, var, count, batch_mean, batch_var, a, n)   # normalized with
     new_mean, new_var = used_mean, used_var                                                     # and kept
-    if keep is not None and (isinstance(keep, torch.Tensor) or keep != a):   # kept at a weight of their own (see "Two weights" below)
+    if keep is not None and (isinstance(keep, torch.Tensor) or keep != a):   # kept at a weight of their own (see "Two weights" above)
         new_mean, new_var, new_count = merge_stats(mean, var, count, batch_mean.detach(), batch_var.detach(), keep, n)
     merged = torch.isfinite(batch_mean.detach()).all() & torch.isfinite(batch_var.detach()).all()
     used_mean, used_var, new_mean, new_var, new_count = (torch.where(merged, new, old) for new, old in
@@ -114,19 +137,6 @@ def running_batch_norm(x, weight, bias, mean, var, count, num_samples, a, eps=1e
     if grad_avg is None: y = scale_shift(x.to(stat_dtype(x)), weight, bias, used_mean, used_var, eps)
     else: y = SmoothedGradNorm.apply(x.to(stat_dtype(x)), weight, bias, used_mean.detach(), used_var.detach(), eps, grad_avg, grad_w)
     return y.to(x.dtype), new_mean.detach(), new_var.detach(), new_count.detach(), merged
-
-# %% ../nbs/05_simplified.ipynb #a38c2a7d
-def step_grads(g, x, weight, before, a, eps=1e-5, var_floor=0.01, warmup_samples=20, stats_grad=None, mask=(True, True, True)):
-    "`(dx, dweight, dbias)` of the readable step from `before = (mean, var, count, num_samples)`, differentiable in `g`, `x`, `weight`"
-    with torch.enable_grad():
-        xs = x if x.requires_grad or not mask[0] else x.detach().requires_grad_()
-        ws = weight if weight is None or weight.requires_grad or not mask[1] else weight.detach().requires_grad_()
-        y = running_batch_norm(xs, ws, None, *before, a, eps, var_floor, warmup_samples, stats_grad)[0]
-        wrt = [t for t, m in ((xs, mask[0]), (ws, mask[1])) if m and t is not None]
-        grads = list(torch.autograd.grad(y, wrt, g, create_graph=True)) if wrt else []
-    dx = grads.pop(0) if mask[0] else None
-    dw = grads.pop(0) if mask[1] and weight is not None else None
-    return dx, dw, (g.sum(stat_dims(g)) if mask[2] else None)
 
 # %% ../nbs/05_simplified.ipynb #23c2f0ac
 def params_like(weight, bias, stats):
@@ -398,25 +408,15 @@ class RunningBatchNorm(_RunningNorm):
         try: return self._step(x)
         finally: self._buffers.update(live)
 
-# %% ../nbs/05_simplified.ipynb #4d45d08a
-class SmoothedGradNorm(torch.autograd.Function):
-    "`x` normalized with constant `mean`, `var`, then `weight`, `bias`; backward: BatchNorm's with its two per-channel gradient averages replaced by EWMAs in `avg` (updated in place at weight `w`)"
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, avg, w):
-        d, invstd = x.dim(), torch.rsqrt(var + eps)
-        xhat = (x - channel_view(mean, d))*channel_view(invstd, d)
-        ctx.save_for_backward(xhat, weight, invstd)
-        ctx.avg, ctx.w, ctx.has_bias = avg, w, bias is not None
-        y = xhat if weight is None else xhat*channel_view(weight, d)
-        return y if bias is None else y + channel_view(bias, d)
-
-    @staticmethod
-    def backward(ctx, g):
-        xhat, weight, invstd = ctx.saved_tensors
-        d, dims = g.dim(), stat_dims(g)
-        gx = g if weight is None else g*channel_view(weight, d)
-        with torch.no_grad(): ctx.avg.lerp_(torch.stack([gx.mean(dims), (gx*xhat).mean(dims)]), ctx.w)
-        dx = (gx - channel_view(ctx.avg[0], d) - xhat*channel_view(ctx.avg[1], d))*channel_view(invstd, d)
-        dw = (g*xhat).sum(dims) if weight is not None and ctx.needs_input_grad[1] else None
-        db = g.sum(dims) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None
+# %% ../nbs/05_simplified.ipynb #a38c2a7d
+def step_grads(g, x, weight, before, a, eps=1e-5, var_floor=0.01, warmup_samples=20, stats_grad=None, mask=(True, True, True)):
+    "`(dx, dweight, dbias)` of the readable step from `before = (mean, var, count, num_samples)`, differentiable in `g`, `x`, `weight`"
+    with torch.enable_grad():
+        xs = x if x.requires_grad or not mask[0] else x.detach().requires_grad_()
+        ws = weight if weight is None or weight.requires_grad or not mask[1] else weight.detach().requires_grad_()
+        y = running_batch_norm(xs, ws, None, *before, a, eps, var_floor, warmup_samples, stats_grad)[0]
+        wrt = [t for t, m in ((xs, mask[0]), (ws, mask[1])) if m and t is not None]
+        grads = list(torch.autograd.grad(y, wrt, g, create_graph=True)) if wrt else []
+    dx = grads.pop(0) if mask[0] else None
+    dw = grads.pop(0) if mask[1] and weight is not None else None
+    return dx, dw, (g.sum(stat_dims(g)) if mask[2] else None)
