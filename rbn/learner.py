@@ -6,7 +6,7 @@
 __all__ = ['conv_block', 'init_cnn', 'per_block', 'get_cnn', 'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner',
            'accuracy', 'MetricsCB', 'sched_lin', 'sched_cos', 'sched_const', 'combine_scheds', 'LRSchedCB', 'Recorder',
            'ProgressCB', 'NaNGuardCB', 'CPUTimeCB', 'default_device', 'lr_for', 'train_cnn', 'conv_blocks',
-           'ActivationStats']
+           'ActivationStats', 'weight_tensors', 'GradientStats']
 
 # %% ../nbs/01_learner.ipynb #ca8bd0a9
 import math, time
@@ -304,4 +304,56 @@ class ActivationStats(Callback):
                       extent=(0, hi.shape[0], *self.hist_range))
             ax.set_title(label, fontsize=9); ax.set_xlabel('step')
         axs[0].set_ylabel('output value')
+        return axs
+
+# %% ../nbs/01_learner.ipynb #2bec1c8a
+def weight_tensors(model):
+    "`(name, parameter)` for each parameter of `model` with two or more dimensions: conv kernels and linear weights"
+    return [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
+
+class GradientStats(Callback):
+    "At every optimizer step: each selected parameter's gradient norm and std, weight norm and std, and log10(lr*std(grad)/std(w))"
+    _stats = ('grad_norms', 'grad_stds', 'weight_norms', 'weight_stds', 'update_ratios')
+    def __init__(self, select=weight_tensors): self.select, self.handle, self.names, self.rows = select, None, [], []
+
+    def before_fit(self, learn):
+        if not learn.do_train: return          # a validation-only fit keeps the record
+        self.remove()
+        named = list(self.select(learn.model))
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.groups = [next(g for g in learn.opt.param_groups if any(q is p for q in g['params'])) for p in self.params]
+        self.rows, self.lrs = [], []
+        self.handle = learn.opt.register_step_pre_hook(self._record)
+
+    @torch.no_grad()
+    def _record(self, opt, args, kwargs):
+        "Runs just before `opt.step()`: the gradients are complete and the weights not yet changed"
+        w = [p.detach().float() for p in self.params]
+        g = [p.grad.detach().float() if p.grad is not None else torch.zeros_like(x) for p, x in zip(self.params, w)]
+        gs, ws = [x.std() for x in g], [x.std() for x in w]
+        ratios = [(grp['lr']*a/b).log10() for grp, a, b in zip(self.groups, gs, ws)]   # lr a Python number: no copy to the device
+        gn, wn = [x.norm() for x in g], [x.norm() for x in w]
+        self.rows.append(torch.stack([torch.stack(r) for r in (gn, gs, wn, ws, ratios)]))   # kept on the device: no sync per step
+        self.lrs.append(self.groups[0]['lr'])
+
+    def after_fit(self, learn): self.remove()
+
+    def remove(self):
+        "Take the hook off the optimizer (the records stay)"
+        if self.handle is not None: self.handle.remove(); self.handle = None
+
+    def stat(self, name):
+        "One record as a (parameters, steps) tensor: 'grad_norms', 'grad_stds', 'weight_norms', 'weight_stds' or 'update_ratios' (log10)"
+        if not self.rows: return torch.zeros(len(self.names), 0)
+        return torch.stack(self.rows).cpu()[:, self._stats.index(name)].T
+
+    def plot(self, labels=None, axs=None, ref=-3):
+        "Gradient norm (log scale) and update-to-weight ratio of each parameter against the step, with a dotted line at `ref`"
+        if axs is None: _, axs = plt.subplots(1, 2, figsize=(10, 3))
+        labels = labels or self.names
+        for row, label in zip(self.stat('grad_norms'), labels): axs[0].semilogy(row, lw=1, label=label)
+        for row, label in zip(self.stat('update_ratios'), labels): axs[1].plot(row, lw=1, label=label)
+        if ref is not None: axs[1].axhline(ref, color='k', ls=':', lw=1)
+        axs[0].set(xlabel='step', ylabel='gradient norm'); axs[1].set(xlabel='step', ylabel='log10(lr·std(grad) / std(w))')
+        axs[1].legend(fontsize=7)
         return axs
