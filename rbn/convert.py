@@ -23,7 +23,24 @@ from .running import RunningBatchNorm, local_batch_stats, stat_dtype, warmup_var
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 def has_running_stats(bn) -> bool:
-    "True when `bn` tracked batches, or holds running statistics that differ from a fresh layer's 0 and 1"
+    """Whether BatchNorm `bn` holds running statistics worth carrying over to a RunningBatchNorm.
+
+    True when `bn` tracked at least one training batch (`num_batches_tracked > 0`), or when its `running_mean` or
+    `running_var` differ from a fresh layer's 0 and 1 (a checkpoint saved before PyTorch 0.4.1 loads with the counter
+    at 0). False for a layer with `track_running_stats=False`.
+
+    Args:
+        bn: an `nn.BatchNorm1d/2d/3d`, `nn.SyncBatchNorm` or other `_BatchNorm`.
+
+    Examples::
+
+        >>> bn = nn.BatchNorm2d(3)
+        >>> has_running_stats(bn)
+        False
+        >>> _ = bn(torch.randn(4, 3, 5, 5))
+        >>> has_running_stats(bn)
+        True
+    """
     if not bn.track_running_stats or bn.running_mean is None: return False
     if bn.num_batches_tracked is not None and bn.num_batches_tracked.item() > 0: return True
     return bool((bn.running_mean != 0).any() or (bn.running_var != 1).any())
@@ -40,7 +57,31 @@ def _norm_act_types():
     return tuple(getattr(mod, k) for k in ('BatchNormAct2d', 'SyncBatchNormAct') if hasattr(mod, k)) if mod else ()
 
 class RunningBatchNormAct2d(RunningBatchNorm):
-    "RunningBatchNorm, then a drop layer, then an activation: the counterpart of timm's `BatchNormAct2d`"
+    r"""RunningBatchNorm, then a drop layer, then an activation: the counterpart of timm's `BatchNormAct2d`.
+
+    `convert_to_rbn` makes one from each timm `BatchNormAct2d`, taking over its `act` and `drop` modules, and
+    `convert_to_bn` turns it back into a `BatchNormAct2d`. In training and in eval it computes
+    `act(drop(RunningBatchNorm(x)))`; its `state_dict` is RunningBatchNorm's plus whatever `act` and `drop` hold
+    (timm's activations and DropBlock hold nothing).
+
+    Args:
+        num_features: C of an input (N, C, H, W) (any rank RunningBatchNorm accepts works).
+        *args: RunningBatchNorm's positional arguments (`eps`, `momentum`, `affine`, ...).
+        act: the module applied last, e.g. `nn.SiLU(inplace=True)`. Default: None, `nn.Identity()`.
+        drop: the module between normalization and activation, e.g. DropBlock or `nn.Dropout`.
+            Default: None, `nn.Identity()`.
+        **kwargs: RunningBatchNorm's other arguments (`mom`, `mom1_rule`, `stats_grad`, `fused`, ...).
+
+    Shape:
+        Input (N, C, *), output the same shape.
+
+    Examples::
+
+        >>> layer = RunningBatchNormAct2d(16, act=nn.SiLU(inplace=True))
+        >>> y = layer(torch.randn(2, 16, 8, 8))
+        >>> y.shape
+        torch.Size([2, 16, 8, 8])
+    """
     def __init__(self, num_features, *args, act=None, drop=None, **kwargs):
         super().__init__(num_features, *args, **kwargs)
         self.drop = nn.Identity() if drop is None else drop
@@ -50,7 +91,34 @@ class RunningBatchNormAct2d(RunningBatchNorm):
 
 # %% ../nbs/09_convert.ipynb #5187521a
 def rbn_from_bn(bn, cls=None, **kwargs):
-    "A `RunningBatchNorm` (or subclass `cls`) that computes what BatchNorm `bn` computes in eval mode, ready to train on"
+    """A `RunningBatchNorm` that computes what BatchNorm `bn` computes in eval mode, ready to train on.
+
+    The new layer gets `bn`'s `num_features`, `eps`, `affine`, device, dtype, weight and bias (with their
+    `requires_grad`, so frozen parameters stay frozen) and training/eval mode. When `bn` has running statistics
+    (`has_running_stats`) it also gets `running_mean`, `running_var` and `num_batches_tracked`, its warm-up is marked
+    as done, and its `count` is set to -1, so that its first training batch sets the count to that batch's number
+    of values per channel. Without statistics it is a fresh layer with `bn`'s weight and bias. A timm
+    `BatchNormAct2d` gives a `RunningBatchNormAct2d` that holds its `act` and `drop`. `bn` is left as it was.
+
+    Args:
+        bn: the BatchNorm layer to convert (`nn.BatchNorm1d/2d/3d`, `nn.SyncBatchNorm`, timm's `BatchNormAct2d`).
+        cls: the class to build, a subclass of `RunningBatchNorm` (for timm's layers, of `RunningBatchNormAct2d`).
+            Default: None, `RunningBatchNorm` (`RunningBatchNormAct2d` for timm's layers).
+        **kwargs: options of the new layer (`mom`, `mom1_rule`, `stats_grad`, `var_floor`, `warmup_samples`,
+            `fused`, ...). `eps`, `affine`, `device`, `dtype`, `act` and `drop` come from `bn`: passing them raises a
+            ValueError.
+
+    Examples::
+
+        >>> bn = nn.BatchNorm2d(16)
+        >>> _ = bn(torch.randn(8, 16, 6, 6))                  # some running statistics
+        >>> layer = rbn_from_bn(bn.eval(), mom=0.05)
+        >>> x = torch.randn(2, 16, 6, 6)
+        >>> torch.allclose(layer(x), bn(x), atol=1e-6)
+        True
+        >>> layer.count.item()                                # set by the first training batch
+        -1.0
+    """
     for k in ('eps', 'affine', 'device', 'dtype', 'act', 'drop'):
         if k in kwargs: raise ValueError(f"rbn_from_bn: `{k}` is taken from the BatchNorm being converted, got {k}={kwargs[k]!r}")
     if isinstance(bn, _norm_act_types()):
@@ -103,7 +171,35 @@ def _replace(model, found, new_layer):
     return model
 
 def convert_to_rbn(model, sync=False, skip=(), **kwargs):
-    "Replace every BatchNorm in `model` by a `RunningBatchNorm` (`SyncRunningBatchNorm` if `sync`) with its state; returns `model`"
+    """Replace every BatchNorm in `model` by a `RunningBatchNorm` holding its state, in place; returns `model`.
+
+    Every `nn.BatchNorm1d/2d/3d`, `nn.SyncBatchNorm` and timm `BatchNormAct2d`/`SyncBatchNormAct` child of any module,
+    at any depth, is replaced by its `rbn_from_bn` twin, so the model's eval outputs do not change. A layer registered
+    in several places is converted once and stays shared. If `model` is itself a BatchNorm, the new layer is returned.
+    All checks run before anything is replaced: any other BatchNorm subclass, a lazy layer that has not seen an input
+    yet, and a model already wrapped in `DistributedDataParallel` or `DataParallel` (convert first, then wrap) raise a
+    ValueError. Layers with `track_running_stats=False` convert with a warning, since their eval outputs change.
+
+    Args:
+        model: an `nn.Module`, or a single BatchNorm layer.
+        sync: make `SyncRunningBatchNorm` layers (`SyncRunningBatchNormAct2d` for timm's), which pool the batch
+            statistics of the processes of a `torch.distributed` group; an `nn.SyncBatchNorm` passes on its
+            `process_group`. Default: False.
+        skip: names of BatchNorm layers to keep (as `model.named_modules()` gives them); a name that is not a
+            BatchNorm layer of `model` raises a ValueError. Default: ().
+        **kwargs: options of every new layer (`mom`, `mom1_rule`, `stats_grad`, `var_floor`, `warmup_samples`,
+            `fused`, ...).
+
+    Examples::
+
+        >>> model = convert_to_rbn(torchvision.models.resnet18(num_classes=10), mom=0.05)
+        >>> type(model.bn1).__name__
+        'RunningBatchNorm'
+        >>> model = convert_to_rbn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8)), skip=['2'])
+        >>> [type(m).__name__ for m in model]
+        ['Conv2d', 'RunningBatchNorm', 'BatchNorm2d']
+        >>> model = convert_to_rbn(torchvision.models.resnet18(), sync=True)     # then wrap it in DDP
+    """
     _refuse_wrapped(model, 'convert_to_rbn')
     def _new(bn):
         if not sync: return rbn_from_bn(bn, **kwargs)
@@ -137,7 +233,27 @@ def _bn_class(layer):
     return origin if origin in (nn.BatchNorm1d, nn.BatchNorm3d) else nn.BatchNorm2d
 
 def bn_from_rbn(layer):
-    "The BatchNorm (1d/2d/3d by input rank, timm's `BatchNormAct2d` for `RunningBatchNormAct2d`) computing what `layer` does in eval mode"
+    """The BatchNorm that computes what RunningBatchNorm `layer` computes in eval mode.
+
+    Weight and bias (with their `requires_grad`), `eps`, `running_mean`, `num_batches_tracked` and the
+    training/eval mode are copied; `running_var` is the variance `layer` evaluates with (floored while its warm-up is
+    not finished) and `momentum` is `layer.mom`. The class is `nn.BatchNorm1d/2d/3d` by the rank of `layer`'s last
+    input, for a layer that never ran the class it was converted from, else `nn.BatchNorm2d`; a
+    `RunningBatchNormAct2d` gives timm's `BatchNormAct2d` holding its `act` and `drop`. `count`, `num_samples` and
+    the RunningBatchNorm options are dropped: they only matter for training on.
+
+    Args:
+        layer: a `RunningBatchNorm`, or a subclass (`SkippingRunningBatchNorm`, `SyncRunningBatchNorm`, ...).
+
+    Examples::
+
+        >>> layer = RunningBatchNorm(16)
+        >>> _ = layer(torch.randn(2, 16, 8, 8))
+        >>> bn = bn_from_rbn(layer.eval())
+        >>> x = torch.randn(4, 16, 8, 8)
+        >>> type(bn).__name__, torch.allclose(bn(x), layer(x), atol=1e-6)
+        ('BatchNorm2d', True)
+    """
     ref = layer.weight if layer.affine else layer.running_mean
     bn = _bn_class(layer)(layer.num_features, eps=layer.eps, momentum=layer.mom, affine=layer.affine, device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
@@ -151,7 +267,26 @@ def bn_from_rbn(layer):
     return bn.train(layer.training)
 
 def convert_to_bn(model):
-    "Replace every RunningBatchNorm in `model` by the BatchNorm that computes the same in eval mode (`bn_from_rbn`); returns `model`"
+    """Replace every RunningBatchNorm in `model` by the BatchNorm that computes the same in eval mode, in place; returns `model`.
+
+    Every `RunningBatchNorm` child (subclasses included) of any module, at any depth, is replaced by its `bn_from_rbn`
+    twin; a shared layer stays shared. If `model` is itself a RunningBatchNorm, the new layer is returned. The tools
+    made for BatchNorm then apply: folding into convolutions (`torch.fx.experimental.optimization.fuse`),
+    `torch.export`, ONNX. To train on, convert back with `convert_to_rbn`: both ways keep the eval outputs. A model
+    wrapped in `DistributedDataParallel` or `DataParallel` raises a ValueError.
+
+    Args:
+        model: an `nn.Module`, or a single RunningBatchNorm layer.
+
+    Examples::
+
+        >>> model = convert_to_rbn(torchvision.models.resnet18(num_classes=10))
+        >>> # ... fine-tune ...
+        >>> model = convert_to_bn(model.eval())
+        >>> type(model.bn1).__name__
+        'BatchNorm2d'
+        >>> folded = torch.fx.experimental.optimization.fuse(model)    # BatchNorm folded into the convolutions
+    """
     _refuse_wrapped(model, 'convert_to_bn')
     if isinstance(model, RunningBatchNorm): return bn_from_rbn(model)
     return _replace(model, _children(model, RunningBatchNorm), bn_from_rbn)
@@ -194,7 +329,33 @@ class _AllGather(torch.autograd.Function):
 
 # %% ../nbs/09_convert.ipynb #7ddfee13
 class SyncRunningBatchNorm(RunningBatchNorm):
-    "RunningBatchNorm that pools each training batch's statistics over the processes of `process_group` (default: all)"
+    r"""RunningBatchNorm that normalizes each training step with the statistics of the global batch of all processes.
+
+    What `nn.SyncBatchNorm` is to BatchNorm: in training, the per-channel count, mean and sum of squared deviations of
+    each process's part of the batch are gathered (one float64 vector of 2 + 2C numbers per layer and step) and merged
+    into the statistics of the global batch, differentiably. `mom1` uses the global batch size, and every process
+    updates its running statistics as one process seeing the whole batch would. The rest is RunningBatchNorm's
+    (readable) training step, so every option works. In eval mode, and outside a process group of more than one
+    process, it is a RunningBatchNorm. Every process must run the same layers in the same order, also one whose part
+    of the batch is empty; the other parameters' gradients still need `DistributedDataParallel`.
+    `convert_to_rbn(model, sync=True)` makes these layers from a model's BatchNorms.
+
+    Args:
+        num_features: C of an input (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W).
+        *args: RunningBatchNorm's positional arguments (`eps`, `momentum`, `affine`, ...).
+        process_group: the `torch.distributed` group to pool over. Default: None, the default group (all processes).
+        **kwargs: RunningBatchNorm's other arguments (`mom`, `mom1_rule`, `stats_grad`, `var_floor`, ...).
+
+    Shape:
+        Input (N, C, *), output the same shape. N may differ between processes, and may be 0.
+
+    Examples::
+
+        >>> # in each process, after dist.init_process_group(...):
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), SyncRunningBatchNorm(16), nn.ReLU())
+        >>> ddp = nn.parallel.DistributedDataParallel(model)          # doctest: +SKIP
+        >>> model = convert_to_rbn(torchvision.models.resnet18(), sync=True)    # or convert a model's BatchNorms
+    """
     def __init__(self, num_features, *args, process_group=None, **kwargs):
         super().__init__(num_features, *args, **kwargs)
         self.process_group = process_group
@@ -207,7 +368,24 @@ class SyncRunningBatchNorm(RunningBatchNorm):
         return mean.to(stat_dtype(x)), var.to(stat_dtype(x)), n, bs
 
 class SyncRunningBatchNormAct2d(SyncRunningBatchNorm, RunningBatchNormAct2d):
-    "`RunningBatchNormAct2d` whose statistics are pooled like `SyncRunningBatchNorm`'s"
+    r"""`RunningBatchNormAct2d` whose statistics are pooled over processes like `SyncRunningBatchNorm`'s.
+
+    `convert_to_rbn(model, sync=True)` makes one from each timm `BatchNormAct2d` or `SyncBatchNormAct`.
+
+    Args:
+        num_features: C of an input (N, C, H, W).
+        *args: RunningBatchNorm's positional arguments (`eps`, `momentum`, `affine`, ...).
+        process_group: the `torch.distributed` group to pool over. Default: None, the default group (all processes).
+        **kwargs: `act` and `drop` as in `RunningBatchNormAct2d`, and RunningBatchNorm's other arguments.
+
+    Shape:
+        Input (N, C, *), output the same shape. N may differ between processes, and may be 0.
+
+    Examples::
+
+        >>> layer = SyncRunningBatchNormAct2d(16, act=nn.SiLU(inplace=True))
+        >>> y = layer(torch.randn(2, 16, 8, 8))         # no process group: a RunningBatchNormAct2d
+    """
 
 # %% ../nbs/09_convert.ipynb #a8100db8
 def _dist_entry(rank, world_size, folder, fn, args, timeout):
