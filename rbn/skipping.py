@@ -49,8 +49,11 @@ class SkippingRunningBatchNorm(RunningBatchNorm):
         guard_images: images the guard looks at. Default: 8.
         max_share: skip only batches whose `mom1` is below this. Default: 0.5.
 
-    Compiled (`torch.compile`), or captured in a CUDA graph, the layer merges on every step: its decision reads
-    counters on the host. On a GPU that decision reads two counters and the guard's verdict from the device each step.
+    The schedule is decided on the host: the layer counts its steps itself and reads `num_samples` from the buffers
+    only during warm-up or after something else wrote them (`load_state_dict`, `reset_running_stats`), so past warm-up
+    no step reads a counter from the device. The guard's verdict is read from the device on each step the schedule
+    would skip (a host synchronization on a GPU; `max_drift=None` has none). Compiled (`torch.compile`), or captured
+    in a CUDA graph, the layer merges on every step, like `RunningBatchNorm`: those paths allow no host decisions.
     """
     def __init__(self, num_features, *args, every=4, skip_after=1000, max_drift=4., guard_images=8, max_share=0.5, **kwargs):
         super().__init__(num_features, *args, **kwargs)
@@ -68,6 +71,24 @@ class SkippingRunningBatchNorm(RunningBatchNorm):
         super().reset_running_stats()
         if 'n_updates' in self._buffers: self.n_updates.zero_()
 
+    def _step(self, x):
+        if torch.compiler.is_compiling() or x.numel() == 0: return super()._step(x)
+        self.__dict__['_now'] = past, steps = self._host_counts()
+        y = super()._step(x)
+        self.__dict__['_counts'] = (self._counts_key(), past, steps + 1)
+        return y
+
+    def _counts_key(self):
+        "The counters' identity and version: it changes when anything writes them, and is recorded after our own writes"
+        ns, nbt = self.num_samples, self.num_batches_tracked
+        return id(ns), ns._version, id(nbt), nbt._version
+
+    def _host_counts(self):
+        "(past warm-up?, steps taken so far) as Python values, from the host copy while nothing else wrote the buffers"
+        c = self.__dict__.get('_counts')
+        if c is None or c[0] != self._counts_key(): c = (None, False, int(self.num_batches_tracked))
+        return c[1] or int(self.num_samples) >= self.skip_after, c[2]
+
     def update_now(self, x):
         "Recompute the statistics on this step? Warm-up, the schedule, or a batch far off them; counted in `n_updates`"
         update = self._needs_update(x)
@@ -79,7 +100,8 @@ class SkippingRunningBatchNorm(RunningBatchNorm):
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()): return True  # no host decisions
         n = x.numel() // x.shape[1]
         a = self.mom1(x.shape[0], n)              # this batch's share of the statistics it is normalized with
-        if a >= self.max_share or self.num_samples.item() < self.skip_after or self.num_batches_tracked.item() % self.every == 0: return True
+        past_warmup, steps = self.__dict__['_now']
+        if a >= self.max_share or not past_warmup or steps % self.every == 0: return True
         if self.max_drift is None: return False
         r = batch_weight(first_count(self.count, n), a, n)        # ... exactly, from the count
         return bool(drifted(x.detach(), self.running_mean, self.running_var, r, self.max_drift, self.eps, self.guard_images))
