@@ -368,6 +368,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'rbn/skipping.py'),
                               'rbn.skipping.SkippingRunningBatchNorm._counts_key': ( 'skipping.html#skippingrunningbatchnorm._counts_key',
                                                                                      'rbn/skipping.py'),
+                              'rbn.skipping.SkippingRunningBatchNorm._guard_on_host': ( 'skipping.html#skippingrunningbatchnorm._guard_on_host',
+                                                                                        'rbn/skipping.py'),
                               'rbn.skipping.SkippingRunningBatchNorm._host_counts': ( 'skipping.html#skippingrunningbatchnorm._host_counts',
                                                                                       'rbn/skipping.py'),
                               'rbn.skipping.SkippingRunningBatchNorm._needs_update': ( 'skipping.html#skippingrunningbatchnorm._needs_update',

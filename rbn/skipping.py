@@ -51,9 +51,11 @@ class SkippingRunningBatchNorm(RunningBatchNorm):
 
     The schedule is decided on the host: the layer counts its steps itself and reads `num_samples` from the buffers
     only during warm-up or after something else wrote them (`load_state_dict`, `reset_running_stats`), so past warm-up
-    no step reads a counter from the device. The guard's verdict is read from the device on each step the schedule
-    would skip (a host synchronization on a GPU; `max_drift=None` has none). Compiled (`torch.compile`), or captured
-    in a CUDA graph, the layer merges on every step, like `RunningBatchNorm`: those paths allow no host decisions.
+    no step reads a counter from the device. The guard's verdict, though, is computed on the input's device: off the
+    CPU, reading it back would stall the host on every step, so there the layer with a guard merges on every step,
+    like `RunningBatchNorm` (with `max_drift=None` it skips by the schedule alone, with no read-back). Compiled
+    (`torch.compile`), or captured in a CUDA graph, the layer merges on every step too: those paths allow no host
+    decisions.
     """
     def __init__(self, num_features, *args, every=4, skip_after=1000, max_drift=4., guard_images=8, max_share=0.5, **kwargs):
         super().__init__(num_features, *args, **kwargs)
@@ -103,8 +105,13 @@ class SkippingRunningBatchNorm(RunningBatchNorm):
         past_warmup, steps = self.__dict__['_now']
         if a >= self.max_share or not past_warmup or steps % self.every == 0: return True
         if self.max_drift is None: return False
+        if not self._guard_on_host(x): return True     # the verdict would have to be read back from the device
         r = batch_weight(first_count(self.count, n), a, n)        # ... exactly, from the count
         return bool(drifted(x.detach(), self.running_mean, self.running_var, r, self.max_drift, self.eps, self.guard_images))
+
+    def _guard_on_host(self, x):
+        "Whether the guard's verdict can be read without waiting for a device: inputs on the CPU"
+        return x.device.type == 'cpu'
 
     def extra_repr(self):
         return super().extra_repr() + f", every={self.every}, skip_after={self.skip_after}, max_drift={self.max_drift}, max_share={self.max_share}"
