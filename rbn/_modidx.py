@@ -63,6 +63,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                          'rbn.cli._how_measured': ('cli.html#_how_measured', 'rbn/cli.py'),
                          'rbn.cli._int_list': ('cli.html#_int_list', 'rbn/cli.py'),
                          'rbn.cli._norm_list': ('cli.html#_norm_list', 'rbn/cli.py'),
+                         'rbn.cli._paired_note': ('cli.html#_paired_note', 'rbn/cli.py'),
                          'rbn.cli._positive_int': ('cli.html#_positive_int', 'rbn/cli.py'),
                          'rbn.cli._train_size': ('cli.html#_train_size', 'rbn/cli.py'),
                          'rbn.cli._warm_up': ('cli.html#_warm_up', 'rbn/cli.py'),

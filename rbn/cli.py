@@ -110,6 +110,26 @@ def _how_measured(sizes, n_images, warmed_up):
             f"{torch.get_num_threads()} torch thread(s), {start}; rows reused from results.jsonl keep the times of their own run. "
             f"Training images: {steps}. Validation: all test images.")
 
+# %% ../nbs/11_cli.ipynb #14b6219b
+def _paired_note(rows):
+    "Per batch size: each norm against the one with the best mean, paired over their common seeds, with a 95 % interval"
+    from rbn.experiments import paired, format_paired
+    lines = []
+    for bs in sorted({r['bs'] for r in rows}):
+        at = [r for r in rows if r['bs'] == bs]
+        accs = {}
+        for r in at: accs.setdefault(r['norm'], {})[r['seed']] = float('nan') if r['diverged'] else r['valid_acc']
+        fin = {n: [v for v in a.values() if v == v] for n, a in accs.items()}
+        means = {n: sum(v)/len(v) for n, v in fin.items() if v}
+        if not means: continue
+        best = max(means, key=means.get)
+        for norm in accs:
+            if norm == best: continue
+            p = paired(accs[norm], accs[best])
+            if p['n'] >= 2 or p['a_diverged'] or p['b_diverged']: lines.append(f"bs {bs}: {norm} vs {best}: {format_paired(p, norm, best)}")
+    return ('Paired over the seeds (95 % interval):\n' + '\n'.join(lines)) if lines else ''
+
+
 # %% ../nbs/11_cli.ipynb #55d70c24
 def run_compare(args):
     from rbn.data import get_fashion_mnist
@@ -131,7 +151,8 @@ def run_compare(args):
         rows += compare(args.norms, [bs], epochs=args.epochs, seeds=tuple(range(args.seeds)), data_path=args.data, train_size=sizes[bs],
                         lr=args.lr, device=args.device, progress=progress, results=results, log=lambda s: print(s, flush=True))
     summary = summarize(rows)
-    table = format_table(summary) + '\n\n' + _how_measured(sizes, len(data[0]), not args.no_warmup)
+    note = _paired_note(rows)
+    table = format_table(summary) + '\n\n' + (note + '\n\n' if note else '') + _how_measured(sizes, len(data[0]), not args.no_warmup)
     (out/'table.md').write_text(table + '\n')
     plt.close(plot_compare(summary, out/'compare.png'))
     print(table)
