@@ -8,23 +8,32 @@ pkg = Path(__file__).resolve().parent.parent/'rbn'
 
 def notebook_of(py):
     "The number of the notebook a generated module comes from (None for hand-written files)"
-    m = re.search(r'File to edit: \.\./nbs/(\d+)_', py.read_text())
+    m = re.search(r'File to edit: (?:\.\./)+nbs/(\d+)_', py.read_text())
     return int(m.group(1)) if m else None
 
 def rbn_imports(py):
-    "Names of the rbn modules that `py` imports anywhere in its code"
+    "Names of the rbn modules that `py` imports anywhere in its code ('running', 'course.data', ...)"
+    here = py.parent.relative_to(pkg).parts                 # () for rbn/, ('course',) for rbn/course/
     out = set()
+    def add(dotted):                                         # a module path inside rbn: keep the known module names
+        parts = dotted.split('.')
+        for k in (2, 1):
+            if '.'.join(parts[:k]) in modules: out.add('.'.join(parts[:k])); return
     for node in ast.walk(ast.parse(py.read_text())):
         if isinstance(node, ast.ImportFrom):
             mod = node.module or ''
-            if node.level == 1: out |= {mod.split('.')[0]} if mod else {a.name for a in node.names}
-            elif mod == 'rbn': out |= {a.name for a in node.names}
-            elif mod.startswith('rbn.'): out.add(mod.split('.')[1])
+            if node.level:                                   # relative: resolve against the module's package
+                base = list(here[:len(here) - (node.level - 1)]) if node.level > 1 else list(here)
+                if mod: add('.'.join(base + [mod]))
+                else: [add('.'.join(base + [a.name])) for a in node.names]
+            elif mod == 'rbn': [add(a.name) for a in node.names]
+            elif mod.startswith('rbn.'): add(mod[4:])
         elif isinstance(node, ast.Import):
-            out |= {a.name.split('.')[1] for a in node.names if a.name.startswith('rbn.')}
+            [add(a.name[4:]) for a in node.names if a.name.startswith('rbn.')]
     return out
 
-modules = {p.stem: p for p in pkg.glob('*.py') if p.stem not in ('__init__', '_modidx')}
+modules = {'.'.join(p.relative_to(pkg).with_suffix('').parts): p for p in pkg.rglob('*.py')
+           if p.stem not in ('__init__', '_modidx')}
 errors = []
 for name, py in sorted(modules.items()):
     nb = notebook_of(py)
@@ -40,8 +49,8 @@ import matplotlib; matplotlib.use("Agg")
 import torch
 from torch import nn
 import rbn
-from rbn.data import get_dls
-from rbn.learner import train_cnn
+from rbn.course.data import get_dls
+from rbn.course.learner import train_cnn
 torch.manual_seed(0)
 x, y = torch.randn(64, 28, 28), torch.randint(0, 10, (64,))
 for norm in (rbn.RunningBatchNorm, rbn.SkippingRunningBatchNorm):
