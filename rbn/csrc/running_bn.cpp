@@ -121,19 +121,18 @@ inline void plane_dx(const T* g, const T* x, T* dx, int64_t L, typename Io<T>::A
 }
 
 // ---- "rows": x as (M, C) with C contiguous (channels-last, or (N, C) inputs) ----
-// Per-channel sums of f(x) over rows: each thread accumulates blocks of rows in A, then adds them up in double.
+// Per-channel sums of f(x) over rows: each thread sums blocks of BLOCK rows in A, one channel vector at a time with the
+// sums in registers, then adds the blocks up in double.
 template <typename T, typename F>
-void rows_sums(int64_t M, int64_t C, std::vector<double>& S1, std::vector<double>& S2, const F& chunk) {
+void rows_sums(int64_t M, int64_t C, std::vector<double>& S1, std::vector<double>& S2, const F& block) {
   using A = typename Io<T>::A;
   const int nt = at::get_num_threads();
   std::vector<double> P1(nt*C, 0.), P2(nt*C, 0.);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384/std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
     std::vector<A> a1(C), a2(C);
-    constexpr int64_t BLK = BLOCK;
-    for (int64_t r0 = b; r0 < e; r0 += BLK) {
-      std::fill(a1.begin(), a1.end(), A(0)); std::fill(a2.begin(), a2.end(), A(0));
-      for (int64_t r = r0; r < std::min(e, r0 + BLK); ++r) chunk(r, a1.data(), a2.data());
+    for (int64_t r0 = b; r0 < e; r0 += BLOCK) {
+      block(r0, std::min(e, r0 + BLOCK) - r0, a1.data(), a2.data());
       for (int64_t c = 0; c < C; ++c) { P1[tid*C + c] += a1[c]; P2[tid*C + c] += a2[c]; }
     }
   });
@@ -141,35 +140,44 @@ void rows_sums(int64_t M, int64_t C, std::vector<double>& S1, std::vector<double
     for (int64_t c = 0; c < C; ++c) { S1[c] += P1[t*C + c]; S2[c] += P2[t*C + c]; }
 }
 
-template <typename T>  // a1 += x - k, a2 += (x - k)^2 for one row
-inline void row_moments(const T* p, int64_t C, const typename Io<T>::A* k, typename Io<T>::A* a1, typename Io<T>::A* a2) {
+template <typename T>  // a1 = sum(x - k), a2 = sum((x - k)^2) over n rows starting at p, per channel
+inline void block_moments(const T* p, int64_t n, int64_t C, const typename Io<T>::A* k, typename Io<T>::A* a1, typename Io<T>::A* a2) {
   using IO = Io<T>; using V = typename IO::V; using A = typename IO::A;
   int64_t c = 0;
   for (; c + IO::K <= C; c += IO::K) {
-    V v[IO::NV]; IO::load(p + c, v);
-    for (int j = 0; j < IO::NV; ++j) {
-      const int64_t o = c + j*V::size();
-      V d = v[j] - V::loadu(k + o);
-      (V::loadu(a1 + o) + d).store(a1 + o);
-      vec::fmadd(d, d, V::loadu(a2 + o)).store(a2 + o);
+    V s1[IO::NV], s2[IO::NV], vk[IO::NV];
+    for (int j = 0; j < IO::NV; ++j) { s1[j] = V(0); s2[j] = V(0); vk[j] = V::loadu(k + c + j*V::size()); }
+    for (int64_t r = 0; r < n; ++r) {
+      V v[IO::NV]; IO::load(p + r*C + c, v);
+      for (int j = 0; j < IO::NV; ++j) { V d = v[j] - vk[j]; s1[j] = s1[j] + d; s2[j] = vec::fmadd(d, d, s2[j]); }
     }
+    for (int j = 0; j < IO::NV; ++j) { s1[j].store(a1 + c + j*V::size()); s2[j].store(a2 + c + j*V::size()); }
   }
-  for (; c < C; ++c) { A d = A(p[c]) - k[c]; a1[c] += d; a2[c] += d*d; }
+  for (; c < C; ++c) {
+    A t1 = 0, t2 = 0;
+    for (int64_t r = 0; r < n; ++r) { A d = A(p[r*C + c]) - k[c]; t1 += d; t2 += d*d; }
+    a1[c] = t1; a2[c] = t2;
+  }
 }
 
-template <typename T>  // a1 += g, a2 += g*(x - m) for one row
-inline void row_grad_sums(const T* g, const T* x, int64_t C, const typename Io<T>::A* m, typename Io<T>::A* a1, typename Io<T>::A* a2) {
+template <typename T>  // a1 = sum(g), a2 = sum(g*(x - m)) over n rows, per channel
+inline void block_grad_sums(const T* g, const T* x, int64_t n, int64_t C, const typename Io<T>::A* m, typename Io<T>::A* a1, typename Io<T>::A* a2) {
   using IO = Io<T>; using V = typename IO::V; using A = typename IO::A;
   int64_t c = 0;
   for (; c + IO::K <= C; c += IO::K) {
-    V vg[IO::NV], vx[IO::NV]; IO::load(g + c, vg); IO::load(x + c, vx);
-    for (int j = 0; j < IO::NV; ++j) {
-      const int64_t o = c + j*V::size();
-      (V::loadu(a1 + o) + vg[j]).store(a1 + o);
-      vec::fmadd(vg[j], vx[j] - V::loadu(m + o), V::loadu(a2 + o)).store(a2 + o);
+    V s1[IO::NV], s2[IO::NV], vm[IO::NV];
+    for (int j = 0; j < IO::NV; ++j) { s1[j] = V(0); s2[j] = V(0); vm[j] = V::loadu(m + c + j*V::size()); }
+    for (int64_t r = 0; r < n; ++r) {
+      V vg[IO::NV], vx[IO::NV]; IO::load(g + r*C + c, vg); IO::load(x + r*C + c, vx);
+      for (int j = 0; j < IO::NV; ++j) { s1[j] = s1[j] + vg[j]; s2[j] = vec::fmadd(vg[j], vx[j] - vm[j], s2[j]); }
     }
+    for (int j = 0; j < IO::NV; ++j) { s1[j].store(a1 + c + j*V::size()); s2[j].store(a2 + c + j*V::size()); }
   }
-  for (; c < C; ++c) { A gi = A(g[c]); a1[c] += gi; a2[c] += gi*(A(x[c]) - m[c]); }
+  for (; c < C; ++c) {
+    A t1 = 0, t2 = 0;
+    for (int64_t r = 0; r < n; ++r) { A gi = A(g[r*C + c]); t1 += gi; t2 += gi*(A(x[r*C + c]) - m[c]); }
+    a1[c] = t1; a2[c] = t2;
+  }
 }
 
 template <typename T>  // out = u*p + w*q + z per channel, for one row (q may be null: out = u*p + z)
@@ -270,7 +278,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x0, const std::optional<Ten
   if (s.rows) {
     auto pass = [&] {
       std::fill(S1.begin(), S1.end(), 0.); std::fill(S2.begin(), S2.end(), 0.);
-      rows_sums<T>(s.M, C, S1, S2, [&](int64_t r, A* a1, A* a2) { row_moments<T>(xp + r*C, C, shift.data(), a1, a2); });
+      rows_sums<T>(s.M, C, S1, S2, [&](int64_t r0, int64_t n, A* a1, A* a2) { block_moments<T>(xp + r0*C, n, C, shift.data(), a1, a2); });
     };
     pass();
     bool again = false;
@@ -424,7 +432,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& g0, const Tensor& 
   T* dxp = mask[0] ? dx.data_ptr<T>() : nullptr;
   if (s.rows) {
     if (need_sums) {
-      rows_sums<T>(s.M, C, sg, sgx, [&](int64_t r, A* a1, A* a2) { row_grad_sums<T>(gp + r*C, xp + r*C, C, mA.data(), a1, a2); });
+      rows_sums<T>(s.M, C, sg, sgx, [&](int64_t r0, int64_t n, A* a1, A* a2) { block_grad_sums<T>(gp + r0*C, xp + r0*C, n, C, mA.data(), a1, a2); });
       for (int64_t c = 0; c < C; ++c) sgx[c] += (double(mA[c]) - mean[c])*sg[c];
     }
     if (mask[0]) {
