@@ -301,8 +301,9 @@ REPORT_SEEDS = {2: tuple(range(200, 210)), 8: tuple(range(200, 205)), 32: tuple(
                 128: tuple(range(200, 205)), 512: tuple(range(200, 210))}
 LONG_SEEDS, LONG_BSS, LONG_EPOCHS = (200, 201, 202), (2, 32), 5
 CANDIDATES = {'rbn': ('rbn', 'rbn:mom1_rule=const', 'rbn:mom1_rule=values'),
-              'brn_ramp': ('brn_ramp', 'brn_ramp:hold_frac=0.1:ramp_frac=0.5')}
-SELECT_SPECS = ('bn', 'gn', 'frn', 'evo', *CANDIDATES['brn_ramp'], *CANDIDATES['rbn'], 'rbn:running_rule=None', 'srbn')
+              'brn_ramp': ('brn_ramp', 'brn_ramp:hold_frac=0.1:ramp_frac=0.5'),
+              'frn': ('frn', 'frn:eps=0.1')}
+SELECT_SPECS = ('bn', 'gn', *CANDIDATES['frn'], 'evo', *CANDIDATES['brn_ramp'], *CANDIDATES['rbn'], 'rbn:running_rule=None', 'srbn')
 ARMS = {'BatchNorm': 'bn', 'BatchNorm + PreciseBN': 'bn+precise', 'GroupNorm': 'gn', 'FRN+TLU': 'frn',
         'EvoNorm-S0': 'evo', 'BatchRenorm (hold, ramp)': 'brn_ramp', 'RunningBatchNorm': 'rbn',
         "one set (the lesson's)": 'rbn:running_rule=None', 'skipping': 'srbn'}
