@@ -372,6 +372,10 @@ ARM_SOURCES = {'bn': (), 'gn': (), 'ln': (), 'none': (), 'frn': (('experiments.p
                'evo': (('experiments.py', ('evonorm_s0', '_check_kw')),), 'brn': _BRN, 'brn_ramp': _BRN,
                'rbn': _RBN, 'srbn': _RBN + (('skipping.py', None),), 'lesson11': (('batchnorm.py', None), ('lesson10.py', None))}
 
+def _keyed(module):
+    "A module's name as run keys name it: as before the course's modules moved into `rbn.course`"
+    return module.replace('rbn.course.', 'rbn.', 1) if module.startswith('rbn.course.') else module
+
 def _defines(node):
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): return {node.name}
     if isinstance(node, ast.Assign): return {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
@@ -382,8 +386,7 @@ def _py_code(path, names=None):
     "The code of `path`, or of its top-level definitions `names`, as syntax trees without docstrings (nor comments, nor `__all__`)"
     tree = ast.parse(Path(path).read_text())
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('rbn.course.'):
-            node.module = 'rbn.' + node.module.removeprefix('rbn.course.')    # imports as before the course moved to rbn.course
+        if isinstance(node, ast.ImportFrom) and node.module: node.module = _keyed(node.module)
         body = getattr(node, 'body', None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and isinstance(body[0], ast.Expr)
             and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)): node.body = body[1:] or [ast.Pass()]
@@ -408,8 +411,7 @@ def code_sources(spec):
 
 def _factory_id(f):
     if isinstance(f, partial): return f"{_factory_id(f.func)}{f.args}{sorted(f.keywords.items())}"
-    module = getattr(f, '__module__', '').replace('rbn.course.', 'rbn.')   # named as before the course moved to rbn.course
-    return 'None' if f is None else f"{module}.{getattr(f, '__qualname__', repr(f))}"
+    return 'None' if f is None else f"{_keyed(getattr(f, '__module__', ''))}.{getattr(f, '__qualname__', repr(f))}"
 
 @functools.cache
 def code_version(spec):
