@@ -10,8 +10,8 @@ __all__ = ['NORMS', 'SPLIT_SEED', 'N_VALID', 'BSS', 'LR_MULTS', 'SELECT_SEEDS', 
            'split_data', 'lr_grid', 'parse_arm', 'has_stats', 'precise_stats', 'evaluate', 'code_sources',
            'code_version', 'code_record', 'train_size_for', 'plan_runs', 'missing_runs', 'run_protocol', 't975',
            'mean_ci', 'paired', 'format_paired', 'seed_accs', 'lr_scores', 'select_lr', 'choose_spec',
-           'selection_table', 'report_table', 'plot_runs', 'collect', 'time_epochs', 'run_cpu', 'budget_table',
-           'protocol_stages']
+           'selection_table', 'report_table', 'versus_table', 'means_table', 'plot_runs', 'collect', 'time_epochs',
+           'run_cpu', 'budget_table', 'protocol_stages']
 
 # %% ../../nbs/08_small_batch.ipynb #2bcc7119
 import ast, copy, datetime, functools, hashlib, json, math, subprocess, time
@@ -579,6 +579,31 @@ def report_table(rows, arms, bs, lrs, split='test', epochs=1, train_size=None, v
         n_div = sum(not _fin(v) for v in a.values())
         mean = f"{m:.4f} ± {h:.4f}" if _fin(h) else (f"{m:.4f}" if _fin(m) else '–')
         lines.append(f"| {label} | {lrs[(arms[label], bs)]:.3g} | {len(a)} | {mean} | {n_div or ''} | {diff} |")
+    return '\n'.join(lines)
+
+def versus_table(rows, arms, ref, bss, lrs, split='test', epochs=1, train_size=None):
+    "Markdown: the arm labelled `ref` against each other arm (label -> arm), one column per batch size: the paired difference in points, its 95 % interval, the verdict"
+    def accs(label, bs): return seed_accs(rows, arms[label], bs, lrs[(arms[label], bs)], split, epochs, _per_bs(train_size, bs))
+    lines = [f'| {ref} against | ' + ' | '.join(f'bs {bs}' for bs in bss) + ' |', '|---' * (len(bss) + 1) + '|']
+    for label in arms:
+        if label == ref: continue
+        cells = [format_paired(paired(accs(ref, bs), accs(label, bs)), ref, label) if (arms[label], bs) in lrs and (arms[ref], bs) in lrs
+                 else '–' for bs in bss]
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+def means_table(rows, arms, bss, lrs, split='test', epochs=1, train_size=None):
+    "Markdown: each arm's (label -> arm) mean accuracy ± 95 % interval at each batch size, with its runs and diverged runs when not all finished"
+    lines = ['| arm | ' + ' | '.join(f'bs {bs}' for bs in bss) + ' |', '|---' * (len(bss) + 1) + '|']
+    for label, arm in arms.items():
+        cells = []
+        for bs in bss:
+            a = seed_accs(rows, arm, bs, lrs[(arm, bs)], split, epochs, _per_bs(train_size, bs)) if (arm, bs) in lrs else {}
+            m, h = mean_ci(a.values())
+            n_div = sum(not _fin(v) for v in a.values())
+            cell = '–' if not a else f"{m:.4f} ± {h:.4f}" if _fin(h) else f"{m:.4f}" if _fin(m) else 'all diverged'
+            cells.append(cell + (f" ({n_div} of {len(a)} diverged)" if n_div and _fin(m) else ''))
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 # %% ../../nbs/08_small_batch.ipynb #d040b567
