@@ -250,14 +250,15 @@ def format_table(summary):
         lines.append(f"| {s['norm']} | {s['bs']} | {s['n']} | {format_acc(s)} | {s['time_mean']:.1f} | {cpu} |")
     return '\n'.join(lines)
 
-def plot_compare(summary, fn=None, zoom=None):
-    "Valid accuracy, one dot per run and a line through the means (all, and zoomed to `zoom`, default the 0.08 below the best), and training time, against batch size; saved to `fn`"
+def plot_compare(summary, fn=None, zoom=None, times=True):
+    "Valid accuracy, one dot per run and a line through the means (all, and zoomed to `zoom`, default the 0.08 below the best), and (if `times`) training time, against batch size; saved to `fn`"
     import matplotlib.pyplot as plt
     means = [s['acc_mean'] for s in summary if s['acc_mean'] is not None]
     if zoom is None:
         top = max(means, default=1.)
         zoom = (round(top - 0.08, 3), round(top + 0.01, 3))
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, axs = plt.subplots(1, 2 + times, figsize=(5*(2 + times), 3.8))
+    a1, a2, a3 = (*axs, None)[:3]
     cpu = any(s['cpu_mean'] for s in summary)          # CPU time where rows have it, else wall time
     norms = list(dict.fromkeys(s['norm'] for s in summary))
     for k, norm in enumerate(norms):
@@ -269,11 +270,13 @@ def plot_compare(summary, fn=None, zoom=None):
                 a.plot([s['bs']*jit]*len(s['accs']), s['accs'], 'o', ms=4, alpha=0.8, color=line.get_color())
                 if s['n_diverged']: a.plot([s['bs']*jit]*s['n_diverged'], [bottom + 0.003]*s['n_diverged'], 'x', ms=7, color=line.get_color())
         ts = [(s['bs'], s['cpu_mean'] if cpu else s['time_mean']) for s in ss if s['accs']]
-        a3.plot([b for b, t in ts if t], [t for b, t in ts if t], marker='o', label=norm)
+        if times: a3.plot([b for b, t in ts if t], [t for b, t in ts if t], marker='o', label=norm)
     a1.set_title('one dot per run; x: diverged'); a2.set_ylim(*zoom); a2.set_title(f'zoomed to {zoom[0]}–{zoom[1]}')
-    for a, yl in ((a1, 'valid accuracy'), (a2, 'valid accuracy'), (a3, f"training time (s, {'CPU' if cpu else 'wall'})")):
+    for a, yl in ((a1, 'valid accuracy'), (a2, 'valid accuracy'), (a3, f"training time (s, {'CPU' if cpu else 'wall'})"))[:2 + times]:
         a.set_xscale('log', base=2); a.set_xlabel('batch size'); a.set_ylabel(yl); a.grid(alpha=0.3)
-    a1.legend(fontsize=8); a3.set_yscale('log'); fig.tight_layout()
+    a1.legend(fontsize=8)
+    if times: a3.set_yscale('log')
+    fig.tight_layout()
     if fn: fig.savefig(fn, dpi=100)
     return fig
 
