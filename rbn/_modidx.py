@@ -171,6 +171,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'rbn/course/experiments.py'),
                                         'rbn.course.experiments.collect': ('small_batch.html#collect', 'rbn/course/experiments.py'),
                                         'rbn.course.experiments.compare': ('small_batch.html#compare', 'rbn/course/experiments.py'),
+                                        'rbn.course.experiments.current_rows': ( 'small_batch.html#current_rows',
+                                                                                 'rbn/course/experiments.py'),
                                         'rbn.course.experiments.evaluate': ('small_batch.html#evaluate', 'rbn/course/experiments.py'),
                                         'rbn.course.experiments.evonorm_s0': ('small_batch.html#evonorm_s0', 'rbn/course/experiments.py'),
                                         'rbn.course.experiments.format_acc': ('small_batch.html#format_acc', 'rbn/course/experiments.py'),

@@ -8,8 +8,8 @@ __all__ = ['NORMS', 'SPLIT_SEED', 'N_VALID', 'BSS', 'LR_MULTS', 'SELECT_SEEDS', 
            'REPORT_SPECS', 'BatchRenorm', 'frn', 'evonorm_s0', 'parse_norm', 'get_norm', 'RunLengthCB', 'load_rows',
            'compare', 'format_row', 'summarize', 'format_acc', 'format_table', 'plot_compare', 'split_indices',
            'split_data', 'lr_grid', 'parse_arm', 'has_stats', 'precise_stats', 'evaluate', 'code_sources',
-           'code_version', 'code_record', 'train_size_for', 'plan_runs', 'missing_runs', 'run_protocol', 't975',
-           'mean_ci', 'paired', 'format_paired', 'seed_accs', 'lr_scores', 'select_lr', 'choose_spec',
+           'code_version', 'code_record', 'current_rows', 'train_size_for', 'plan_runs', 'missing_runs', 'run_protocol',
+           't975', 'mean_ci', 'paired', 'format_paired', 'seed_accs', 'lr_scores', 'select_lr', 'choose_spec',
            'selection_table', 'report_table', 'versus_table', 'means_table', 'plot_runs', 'collect', 'time_epochs',
            'run_cpu', 'budget_table', 'protocol_stages']
 
@@ -437,6 +437,11 @@ def code_record():
     files = sorted([*_PKG.glob('*.py'), *(_PKG/'course').glob('*.py'), *(_PKG/'csrc').glob('*')])
     package = hashlib.sha256(b''.join(f.name.encode() + f.read_bytes() for f in files if f.is_file())).hexdigest()[:12]
     return dict(commit=commit, dirty=None if commit is None else bool(git('status', '--porcelain', '--', '.')), package=package)
+
+def current_rows(rows):
+    "The rows made by the current code of their arm (older rows stay in a results file, for the record)"
+    code = {spec: code_version(spec) for spec in {r['norm'] for r in rows}}
+    return [r for r in rows if r.get('code') == code[r['norm']]]
 
 # %% ../../nbs/08_small_batch.ipynb #3c191831
 def _per_bs(v, bs): return v[bs] if isinstance(v, dict) else v
