@@ -511,7 +511,8 @@ def paired(a, b):
     diffs = [a[s] - b[s] for s in both]
     mean, half = mean_ci(diffs)
     lo, hi = mean - half, mean + half
-    verdict = ('too few paired runs' if len(diffs) < 2 else 'better' if lo > 0 else 'worse' if hi < 0 else f"on par (±{100*half:.2f})")
+    verdict = ('too few paired runs' if len(diffs) < 2 else 'identical runs' if not any(diffs) else 'better' if lo > 0 else 'worse' if hi < 0
+               else f"on par (±{100*half:.2f})")
     return dict(n=len(diffs), seeds=both, diffs=diffs, mean=mean, half=half, lo=lo, hi=hi, verdict=verdict,
                 a_diverged=[s for s in seeds if not _fin(a[s])], b_diverged=[s for s in seeds if not _fin(b[s])],
                 unpaired=sorted(set(a) ^ set(b)))
