@@ -10,7 +10,7 @@ __all__ = ['NORMS', 'SPLIT_SEED', 'N_VALID', 'BSS', 'LR_MULTS', 'SELECT_SEEDS', 
            'split_data', 'lr_grid', 'parse_arm', 'has_stats', 'precise_stats', 'evaluate', 'code_sources',
            'code_version', 'code_record', 'current_rows', 'train_size_for', 'plan_runs', 'missing_runs', 'run_protocol',
            't975', 'mean_ci', 'paired', 'format_paired', 'seed_accs', 'lr_scores', 'select_lr', 'choose_spec',
-           'selection_table', 'report_table', 'versus_table', 'means_table', 'plot_runs', 'collect', 'time_epochs',
+           'selection_table', 'report_table', 'collect', 'versus_table', 'means_table', 'plot_runs', 'time_epochs',
            'run_cpu', 'budget_table', 'protocol_stages']
 
 # %% ../../nbs/08_small_batch.ipynb #2bcc7119
@@ -590,24 +590,29 @@ def report_table(rows, arms, bs, lrs, split='test', epochs=1, train_size=None, v
         lines.append(f"| {label} | {lrs[(arms[label], bs)]:.3g} | {len(a)} | {mean} | {n_div or ''} | {diff} |")
     return '\n'.join(lines)
 
+def collect(rows, arms, bss, lrs, split='test', epochs=1, train_size=None):
+    "`{bs: {label: {seed: acc}}}` for `plot_runs`, each arm at its lr `lrs[(arm, bs)]`"
+    return {bs: {label: seed_accs(rows, arm, bs, lrs[(arm, bs)], split, epochs, _per_bs(train_size, bs))
+                 for label, arm in arms.items() if (arm, bs) in lrs} for bs in bss}
+
 def versus_table(rows, arms, ref, bss, lrs, split='test', epochs=1, train_size=None):
     "Markdown: the arm labelled `ref` against each other arm (label -> arm), one column per batch size: the paired difference in points, its 95 % interval, the verdict"
-    def accs(label, bs): return seed_accs(rows, arms[label], bs, lrs[(arms[label], bs)], split, epochs, _per_bs(train_size, bs))
+    accs = collect(rows, arms, bss, lrs, split, epochs, train_size)
     lines = [f'| {ref} against | ' + ' | '.join(f'bs {bs}' for bs in bss) + ' |', '|---' * (len(bss) + 1) + '|']
     for label in arms:
         if label == ref: continue
-        cells = [format_paired(paired(accs(ref, bs), accs(label, bs)), ref, label) if (arms[label], bs) in lrs and (arms[ref], bs) in lrs
-                 else '–' for bs in bss]
+        cells = [format_paired(paired(accs[bs][ref], accs[bs][label]), ref, label) if {ref, label} <= set(accs[bs]) else '–' for bs in bss]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 def means_table(rows, arms, bss, lrs, split='test', epochs=1, train_size=None):
     "Markdown: each arm's (label -> arm) mean accuracy ± 95 % interval at each batch size, with its runs and diverged runs when not all finished"
+    accs = collect(rows, arms, bss, lrs, split, epochs, train_size)
     lines = ['| arm | ' + ' | '.join(f'bs {bs}' for bs in bss) + ' |', '|---' * (len(bss) + 1) + '|']
-    for label, arm in arms.items():
+    for label in arms:
         cells = []
         for bs in bss:
-            a = seed_accs(rows, arm, bs, lrs[(arm, bs)], split, epochs, _per_bs(train_size, bs)) if (arm, bs) in lrs else {}
+            a = accs[bs].get(label, {})
             m, h = mean_ci(a.values())
             n_div = sum(not _fin(v) for v in a.values())
             cell = '–' if not a else f"{m:.4f} ± {h:.4f}" if _fin(h) else f"{m:.4f}" if _fin(m) else 'all diverged'
@@ -649,11 +654,6 @@ def plot_runs(accs, span=0.05, fn=None, title=None):
     fig.tight_layout()
     if fn: fig.savefig(fn, dpi=100)
     return fig
-
-def collect(rows, arms, bss, lrs, split='test', epochs=1, train_size=None):
-    "`{bs: {label: {seed: acc}}}` for `plot_runs`, each arm at its lr `lrs[(arm, bs)]`"
-    return {bs: {label: seed_accs(rows, arm, bs, lrs[(arm, bs)], split, epochs, _per_bs(train_size, bs))
-                 for label, arm in arms.items() if (arm, bs) in lrs} for bs in bss}
 
 # %% ../../nbs/08_small_batch.ipynb #81add179
 def time_epochs(specs, bss=BSS, steps=300, data=None, n_train=60_000 - N_VALID, log=print):
