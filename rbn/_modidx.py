@@ -152,6 +152,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'rbn.course.experiments._is_done': ('small_batch.html#_is_done', 'rbn/course/experiments.py'),
                                         'rbn.course.experiments._keyed': ('small_batch.html#_keyed', 'rbn/course/experiments.py'),
                                         'rbn.course.experiments._lrs_for': ('small_batch.html#_lrs_for', 'rbn/course/experiments.py'),
+                                        'rbn.course.experiments._mark_off_scale': ( 'small_batch.html#_mark_off_scale',
+                                                                                    'rbn/course/experiments.py'),
                                         'rbn.course.experiments._per_bs': ('small_batch.html#_per_bs', 'rbn/course/experiments.py'),
                                         'rbn.course.experiments._py_code': ('small_batch.html#_py_code', 'rbn/course/experiments.py'),
                                         'rbn.course.experiments._run_all': ('small_batch.html#_run_all', 'rbn/course/experiments.py'),

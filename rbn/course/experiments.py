@@ -217,7 +217,8 @@ def format_row(r):
     cpu = f", {r['cpu_time']:.1f}s CPU" if r.get('cpu_time') else ''
     where = f"[{r['split']}] " if r.get('split') else ''
     precise = f" (PreciseBN {r['precise_acc']:.4f})" if r.get('precise_acc') is not None else ''
-    return (f"{where}{r['norm']:>9} bs={r['bs']:<4} seed={r['seed']} lr={r['lr']:.3g}  valid acc {acc:>8}{precise}  "
+    held_out = 'test' if r.get('split') == 'test' else 'valid'      # `valid_acc` holds the accuracy on whichever images were held out
+    return (f"{where}{r['norm']:>9} bs={r['bs']:<4} seed={r['seed']} lr={r['lr']:.3g}  {held_out} acc {acc:>8}{precise}  "
             f"{r['train_time']:7.1f}s wall{cpu}")
 
 # %% ../../nbs/08_small_batch.ipynb #b5d99fd5
@@ -621,39 +622,47 @@ def means_table(rows, arms, bss, lrs, split='test', epochs=1, train_size=None):
     return '\n'.join(lines)
 
 # %% ../../nbs/08_small_batch.ipynb #d040b567
-def plot_runs(accs, span=0.05, fn=None, title=None):
-    "Each run's accuracy: `accs` is `{bs: {label: {seed: acc}}}` (NaN: diverged); one panel per batch size, zoomed to `span` below the best mean"
+def _mark_off_scale(ax, x, y, below, n_div, c):
+    "Runs below the panel as a triangle on its bottom edge (their values, or their count and range when many); diverged runs as a cross"
+    if below:
+        ax.plot(x - 0.12, y, 'v', ms=7, color=c)
+        text = '\n'.join(f'{a:.3f}' for a in sorted(below)) if len(below) <= 3 else f'{len(below)} runs\n{min(below):.2f}–{max(below):.2f}'
+        ax.annotate(text, (x - 0.12, y), xytext=(0, 7), textcoords='offset points', fontsize=7, color=c, ha='center', va='bottom')
+    if n_div:
+        ax.plot(x + 0.12, y, 'x', ms=9, mew=2, color=c)
+        ax.annotate(f'{n_div} diverged', (x + 0.12, y), xytext=(0, 7), textcoords='offset points', fontsize=7, color=c, ha='center', va='bottom')
+
+def plot_runs(accs, span=0.05, fn=None, title=None, ncols=None):
+    "Each run's accuracy: `accs` is `{bs: {label: {seed: acc}}}` (NaN: diverged); one panel per batch size (`ncols` to a row), zoomed to `span` below the best mean"
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, len(accs), figsize=(max(3.2, 0.55*max(len(v) for v in accs.values()))*len(accs), 3.6), squeeze=False)
-    for ax, (bs, arms) in zip(axs[0], accs.items()):
+    ncols = ncols or len(accs)
+    nrows = -(-len(accs)//ncols)
+    width = max(3.2, 0.62*max(len(v) for v in accs.values()))
+    fig, axs = plt.subplots(nrows, ncols, figsize=(width*ncols, 4.2*nrows), squeeze=False)
+    for ax in axs.flat[len(accs):]: ax.set_visible(False)
+    for ax, (bs, arms) in zip(axs.flat, accs.items()):
         fin = {l: [a for a in d.values() if _fin(a)] for l, d in arms.items()}
         means = [sum(v)/len(v) for v in fin.values() if v]
         top = max((a for v in fin.values() for a in v), default=1.)
-        lo = (max(means) if means else top) - span
-        bottom, height = lo, top + 0.1*span - lo
+        bottom = (max(means) if means else top) - span
+        height = top + 0.1*span - bottom
         for i, (label, d) in enumerate(arms.items()):
-            ok = sorted(d.items())
-            inside = [a for _, a in ok if _fin(a) and a >= bottom]
-            below = [a for _, a in ok if _fin(a) and a < bottom]
-            n_div = sum(not _fin(a) for _, a in ok)
+            runs = [a for _, a in sorted(d.items())]
+            inside = [a for a in runs if _fin(a) and a >= bottom]
             jit = [i + 0.18*(k/(max(len(inside) - 1, 1)) - 0.5) for k in range(len(inside))]
             line, = ax.plot(jit, inside, 'o', ms=4, alpha=0.75)
             c = line.get_color()
             if fin[label]: ax.plot([i - 0.25, i + 0.25], [sum(fin[label])/len(fin[label])]*2, '-', color=c, lw=2)
-            for k, a in enumerate(below):                 # off the scale: a triangle on the bottom edge, with its value
-                ax.plot(i - 0.12, bottom + 0.03*height, 'v', ms=7, color=c)
-                ax.annotate(f'{a:.3f}', (i - 0.12, bottom + 0.03*height), xytext=(-30, 6 + 9*k), textcoords='offset points', fontsize=7, color=c)
-            if n_div:                                      # diverged: a cross on the bottom edge, with the count
-                ax.plot(i + 0.12, bottom + 0.03*height, 'x', ms=9, mew=2, color=c)
-                ax.annotate(f'{n_div} diverged', (i + 0.12, bottom + 0.03*height), xytext=(5, 6), textcoords='offset points', fontsize=7, color=c)
+            _mark_off_scale(ax, i, bottom + 0.03*height, [a for a in runs if _fin(a) and a < bottom], sum(not _fin(a) for a in runs), c)
         ax.set_ylim(bottom, bottom + height)
         ax.set_xticks(range(len(arms))); ax.set_xticklabels(list(arms), rotation=40, ha='right', fontsize=8)
         ax.set_title(f'batch size {bs}'); ax.grid(alpha=0.3)
-    axs[0][0].set_ylabel('accuracy (one dot per seed; bar: mean)')
+    for row in axs: row[0].set_ylabel('accuracy (dot: a seed; bar: mean)')
     if title: fig.suptitle(title)
     fig.tight_layout()
     if fn: fig.savefig(fn, dpi=100)
     return fig
+
 
 # %% ../../nbs/08_small_batch.ipynb #81add179
 def time_epochs(specs, bss=BSS, steps=300, data=None, n_train=60_000 - N_VALID, log=print):
