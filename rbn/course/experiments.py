@@ -642,9 +642,9 @@ def plot_runs(accs, span=0.05, fn=None, title=None, ncols=None):
     for ax in axs.flat[len(accs):]: ax.set_visible(False)
     for ax, (bs, arms) in zip(axs.flat, accs.items()):
         fin = {l: [a for a in d.values() if _fin(a)] for l, d in arms.items()}
-        means = [sum(v)/len(v) for v in fin.values() if v]
+        mean = {l: sum(v)/len(v) for l, v in fin.items() if v}
         top = max((a for v in fin.values() for a in v), default=1.)
-        bottom = (max(means) if means else top) - span
+        bottom = (max(mean.values()) if mean else top) - span
         height = top + 0.1*span - bottom
         for i, (label, d) in enumerate(arms.items()):
             runs = [a for _, a in sorted(d.items())]
@@ -652,7 +652,7 @@ def plot_runs(accs, span=0.05, fn=None, title=None, ncols=None):
             jit = [i + 0.18*(k/(max(len(inside) - 1, 1)) - 0.5) for k in range(len(inside))]
             line, = ax.plot(jit, inside, 'o', ms=4, alpha=0.75)
             c = line.get_color()
-            if fin[label]: ax.plot([i - 0.25, i + 0.25], [sum(fin[label])/len(fin[label])]*2, '-', color=c, lw=2)
+            if label in mean: ax.plot([i - 0.25, i + 0.25], [mean[label]]*2, '-', color=c, lw=2)
             _mark_off_scale(ax, i, bottom + 0.03*height, [a for a in runs if _fin(a) and a < bottom], sum(not _fin(a) for a in runs), c)
         ax.set_ylim(bottom, bottom + height)
         ax.set_xticks(range(len(arms))); ax.set_xticklabels(list(arms), rotation=40, ha='right', fontsize=8)
